@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Stage what a GPU run needs inside the checkout, in git-ignored folders, for a GPU machine that
+# receives only the checkout (64 MiB in all) and has no diffusers:
+#   bash tools/gpu_stage.sh            # WITH_TRAIN=1 also stages the Fashion-MNIST train set
+# -> .whl/ (wheels), .stage/fmnist-classifier (FD feature network), .stage/fashion-mnist (test set).
+# The fixture DPM is not staged: it is vendored in assets/fmnist-ddpm-eps.
+# Start the GPU command with the install line printed at the end.
+set -euo pipefail
+root=$(git rev-parse --show-toplevel); cd "$root"
+shared=$(cd "$root/../shared" && pwd)
+for p in /.whl/ /.stage/; do grep -qxF "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude; done
+mkdir -p .whl .stage
+
+# 1. Wheels; these versions import cleanly next to the GPU machine's transformers (huggingface-hub < 2).
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+  diffusers==0.42.1 huggingface_hub==1.33.0 "hf-xet>=1.6,<2" "click>=8.4.2" importlib_metadata safetensors==0.8.0 \
+  2>&1 | { grep -v WARNING || true; }
+
+# 2. The FD feature network.
+rm -rf .stage/fmnist-classifier && cp -r "$shared/fixtures/fmnist-classifier" .stage/fmnist-classifier
+chmod -R u+w .stage/fmnist-classifier
+
+# 3. Fashion-MNIST IDX files.
+data=/usr/share/datasets/fashion-mnist
+if [ -d "$data" ]; then
+  rm -rf .stage/fashion-mnist && mkdir -p .stage/fashion-mnist
+  cp "$data"/t10k-* .stage/fashion-mnist/
+  if [ "${WITH_TRAIN:-0}" = 1 ]; then cp "$data"/train-* .stage/fashion-mnist/; fi
+else
+  echo "note: apt-get install dataset-fashion-mnist for the FD test set" >&2
+fi
+
+du -sh .whl .stage/*
+# 4. The GPU machine receives the working tree plus the carried folders, 64 MiB in all.
+tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
+staged=$(du -sbc .whl .stage | tail -1 | cut -f1)
+echo "working tree $((tree / 1048576)) MiB + staged $((staged / 1048576)) MiB (limit 64 MiB); pass carry=[\".whl\", \".stage\"]"
+[ $((tree + staged)) -le $((64 * 1048576)) ] || echo "warning: over 64 MiB; the GPU run will not receive it all" >&2
+echo 'install line: rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src'
