@@ -55,7 +55,7 @@ class NoiseSchedule:
             alphas_cumprod = ddpm.alphas_cumprod.double().clamp(min=1.0 / SIGMA_MAX_CAP**2)
             # 2. σ = √((1−ᾱ)/ᾱ) at every training timestep (increasing in t)
             self.train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-            self.prediction_type = prediction_type or config.get("prediction_type", "epsilon")
+            self.prediction_type = prediction_type or config.get("prediction_type") or "epsilon"
             allowed = VP_PREDICTION_TYPES
         elif self.family == "flow":
             # flow matching: x_t = (1−s)·x0 + s·ε, s = σ/(1+σ); trained on shifted s in [s_min, 1]
@@ -64,8 +64,8 @@ class NoiseSchedule:
             s = shift * s / (1 + (shift - 1) * s)
             s = s.clamp(max=SIGMA_MAX_CAP / (1 + SIGMA_MAX_CAP))
             self.train_sigmas = s / (1 - s)
-            self.prediction_type = prediction_type or "flow"
-            if self.prediction_type == "velocity":
+            self.prediction_type = prediction_type or config.get("prediction_type") or "flow"
+            if self.prediction_type in ("velocity", "flow_prediction"):
                 self.prediction_type = "flow"
             allowed = FLOW_PREDICTION_TYPES
         else:

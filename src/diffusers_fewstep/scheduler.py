@@ -1,0 +1,268 @@
+"""`LearnedScheduleScheduler`: a diffusers scheduler that samples on learned σ tables (DESIGN.md §5).
+
+The sample stays in the model's native scale, like `DDIMScheduler` for VP models and
+`FlowMatchEulerDiscreteScheduler` for flow models (`init_noise_sigma = 1`, `scale_model_input` is the
+identity), so it drops into any pipeline. Each step converts to σ-space, applies the shared solver step
+of :mod:`diffusers_fewstep.solvers`, and converts back.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from . import solvers
+from .adapter import SIGMA_MAX_CAP, NoiseSchedule, config_family
+from .schedules import interpolate_sigmas, validate_sigmas
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnedScheduleSchedulerOutput(BaseOutput):
+    """Output of `LearnedScheduleScheduler.step`.
+
+    Args:
+        prev_sample (`torch.Tensor`): the sample at the next σ, in the model's native scale.
+        pred_original_sample (`torch.Tensor`): the denoised estimate D(x; σ_i).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
+    """Few-step sampling on σ tables learned for one model and one solver
+    ("Optimizing Few-Step Sampler for Diffusion Probabilistic Model", [arXiv 2412.10786](https://arxiv.org/abs/2412.10786)).
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): training timesteps of the base model.
+        beta_start (`float`, defaults to 0.0001): VP models: first β.
+        beta_end (`float`, defaults to 0.02): VP models: last β.
+        beta_schedule (`str`, defaults to `"linear"`): VP models: `linear`, `scaled_linear` or `squaredcos_cap_v2`.
+        trained_betas (`list[float]`, *optional*): VP models: explicit β's.
+        prediction_type (`str`, *optional*): `epsilon`, `v_prediction` or `sample` (VP), `flow` (flow matching);
+            defaults to `epsilon` for VP and `flow` for flow models.
+        rescale_betas_zero_snr (`bool`, defaults to `False`): VP models: zero terminal SNR (σ_max capped at 4096).
+        family (`str`, defaults to `"vp"`): `vp` (discrete `alphas_cumprod`) or `flow` (flow matching); set
+            automatically by `from_config` from a flow-matching scheduler's config.
+        shift (`float`, defaults to 1.0): flow models: the timestep shift of the base scheduler.
+        sigma_tables (`dict[str, list[float]]`, *optional*): `{"<nfe>": [σ_0, …, σ_nfe]}` in σ-space
+            (`x = x0 + σ·ε`); σ_nfe may be 0.
+        solver (`str`, defaults to `"euler"`): the solver the tables were learned for: `euler` (≡ DDIM),
+            `dpmpp_2m`, `unipc` or `ipndm`.
+        allow_interpolation (`bool`, defaults to `False`): for a step count without a table, resample the nearest
+            table in log σ (a labelled fallback) instead of raising.
+        provenance (`dict`, *optional*): where the tables came from (base model, objective, metrics).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        prediction_type: Optional[str] = None,
+        rescale_betas_zero_snr: bool = False,
+        family: str = "vp",
+        shift: float = 1.0,
+        sigma_tables: Optional[Dict[str, List[float]]] = None,
+        solver: str = "euler",
+        allow_interpolation: bool = False,
+        provenance: Optional[Dict[str, Any]] = None,
+    ):
+        self.noise_schedule = NoiseSchedule(self.config)
+        solvers.canonical_solver(solver)
+        tables = {}
+        for nfe, table in (sigma_tables or {}).items():
+            values = validate_sigmas(table, self.noise_schedule.sigma_min, self.noise_schedule.sigma_max,
+                                     name=f"σ table for {nfe} steps")
+            if str(len(values) - 1) != str(nfe):
+                raise ValueError(f"σ table for {nfe} steps has {len(values)} entries; a table for N steps has N+1")
+            tables[str(nfe)] = values
+        # plain JSON: string keys, lists of floats
+        self.register_to_config(sigma_tables=dict(sorted(tables.items(), key=lambda kv: int(kv[0]))))
+        self.init_noise_sigma = 1.0
+        self.sigmas = None
+        self.timesteps = None
+        self.num_inference_steps = None
+        self.table_source = None
+        self._step_index = None
+        self._begin_index = None
+        self._state = None
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """Like `ConfigMixin.from_config`, but recognises flow-matching configs (sets `family="flow"`)."""
+        if isinstance(config, dict) and "family" not in kwargs and "family" not in config:
+            kwargs["family"] = config_family(config)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    # --- bookkeeping ----------------------------------------------------------------------
+    @property
+    def available_nfes(self) -> List[int]:
+        return [int(k) for k in self.config.sigma_tables]
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Index of the first step to run (img2img pipelines start part-way down the table)."""
+        self._begin_index = begin_index
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    def check_compatible(self, scheduler_config) -> None:
+        """Raise `ValueError` if `scheduler_config` (a pipeline's scheduler config) describes another model
+        family, prediction type or noise schedule than the one these tables were learned for."""
+        mine = self.noise_schedule.describe()
+        theirs = NoiseSchedule(scheduler_config).describe()
+        diffs = [f"{k}: tables learned for {mine[k]!r}, pipeline has {theirs[k]!r}" for k in mine
+                 if (abs(mine[k] - theirs[k]) > 1e-3 * abs(mine[k]) if isinstance(mine[k], float) else mine[k] != theirs[k])]
+        if diffs:
+            raise ValueError("these σ tables were learned for a different model: " + "; ".join(diffs))
+
+    # --- tables -----------------------------------------------------------------------------
+    def table_for(self, num_inference_steps: int) -> List[float]:
+        """The σ table for a step count (or, with `allow_interpolation`, the labelled log-σ fallback)."""
+        tables = self.config.sigma_tables
+        if str(num_inference_steps) in tables:
+            self.table_source = f"learned ({num_inference_steps} steps)"
+            return tables[str(num_inference_steps)]
+        if not tables:
+            raise ValueError("this scheduler holds no σ tables; learn some with `diffusers-fewstep optimize` "
+                             "or pass `sigmas=`")
+        if not self.config.allow_interpolation:
+            raise ValueError(
+                f"no σ table for {num_inference_steps} steps; tables exist for {self.available_nfes}; "
+                "pass allow_interpolation=True (log-σ fallback) or learn one with `diffusers-fewstep optimize`")
+        nearest = min(self.available_nfes, key=lambda n: (abs(n - num_inference_steps), -n))
+        self.table_source = f"interpolated in log σ from the {nearest}-step table"
+        logger.warning("no σ table for %d steps: %s (fallback, not learned)", num_inference_steps, self.table_source)
+        return interpolate_sigmas(tables[str(nearest)], num_inference_steps).tolist()
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device] = None,
+        timesteps: Optional[Sequence[float]] = None,
+        sigmas: Optional[Sequence[float]] = None,
+        mu: Optional[float] = None,
+    ):
+        """Select the σ table for this run.
+
+        Args:
+            num_inference_steps (`int`, *optional*): picks the learned table for that many model evaluations.
+            device (`str` or `torch.device`, *optional*): where `timesteps` and `sigmas` live.
+            timesteps (`list[float]`, *optional*): explicit model timesteps (one per evaluation); the last step goes to σ=0.
+            sigmas (`list[float]`, *optional*): explicit σ's in the base scheduler's convention (VP: σ-space σ as
+                `EulerDiscreteScheduler`; flow: s ∈ (0, 1] as `FlowMatchEulerDiscreteScheduler`), one per evaluation,
+                used as given (no shift); a final 0 is appended unless present.
+            mu (`float`, *optional*): accepted for flow pipelines with dynamic shifting and ignored (tables are fixed).
+        """
+        if sum(a is not None for a in (timesteps, sigmas)) > 1:
+            raise ValueError("pass only one of `timesteps` or `sigmas`")
+        schedule = self.noise_schedule
+        if sigmas is not None:
+            values = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+            if schedule.family == "flow":
+                values = values.clamp(max=SIGMA_MAX_CAP / (1 + SIGMA_MAX_CAP))
+                values = values / (1 - values)
+            table = values.tolist() + ([] if float(values[-1]) == 0 else [0.0])
+            self.table_source = "sigmas passed to set_timesteps"
+        elif timesteps is not None:
+            table = schedule.t_to_sigma(torch.as_tensor(np.asarray(timesteps, dtype=np.float64))).tolist() + [0.0]
+            self.table_source = "timesteps passed to set_timesteps"
+        elif num_inference_steps is not None:
+            table = self.table_for(int(num_inference_steps))
+        else:
+            raise ValueError("pass `num_inference_steps`, `timesteps` or `sigmas`")
+        table = validate_sigmas(table, schedule.sigma_min, schedule.sigma_max, name="σ table")
+        dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+        self.sigmas = torch.tensor(table, dtype=dtype, device=device)
+        self.timesteps = schedule.sigma_to_t(self.sigmas[:-1]).to(torch.float32)
+        self.num_inference_steps = len(table) - 1
+        self._step_index = None
+        self._begin_index = None
+        self._state = None
+
+    # --- stepping ---------------------------------------------------------------------------
+    def index_for_timestep(self, timestep) -> int:
+        timestep = torch.as_tensor(timestep, dtype=torch.float32, device=self.timesteps.device)
+        hits = (self.timesteps - timestep).abs() < 1e-3
+        if not hits.any():
+            raise ValueError(f"timestep {float(timestep):.4f} is not in this run's timesteps {self.timesteps.tolist()}")
+        return int(hits.nonzero()[0])
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """Identity: the sample is kept in the model's native scale."""
+        return sample
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> Union[LearnedScheduleSchedulerOutput, tuple]:
+        """Advance `sample` (native scale, at the current σ) by one solver step.
+
+        Args:
+            model_output (`torch.Tensor`): the model's direct output (ε, v, x0 or flow velocity).
+            timestep (`float` or `torch.Tensor`): the current timestep (from `self.timesteps`).
+            sample (`torch.Tensor`): the current sample in the model's native scale.
+            generator (`torch.Generator`, *optional*): unused (deterministic ODE solvers); kept for pipelines.
+            return_dict (`bool`, defaults to `True`): return a `LearnedScheduleSchedulerOutput` or a tuple.
+        """
+        if self.sigmas is None:
+            raise ValueError("call `set_timesteps` before `step`")
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        i = self._step_index
+        if i >= self.num_inference_steps:
+            raise IndexError(f"step {i + 1} requested but this run has {self.num_inference_steps} steps")
+        schedule = self.noise_schedule
+        sigmas = self.sigmas.to(sample.device)
+        # 1. native → σ-space (float32 at least, as diffusers' schedulers upcast)
+        work = torch.promote_types(sample.dtype, torch.float32)
+        x = sample.to(work) / schedule.native_scale(sigmas[i]).to(work)
+        denoised = schedule.denoised(model_output.to(work), x, sigmas[i])
+        # 2. the shared solver step in σ-space
+        x_next, self._state = solvers.step(self.config.solver, x, denoised, sigmas, i, self._state)
+        # 3. back to the native scale
+        prev_sample = (x_next * schedule.native_scale(sigmas[i + 1]).to(work)).to(sample.dtype)
+        self._step_index += 1
+        denoised = denoised.to(sample.dtype)
+        if not return_dict:
+            return (prev_sample, denoised)
+        return LearnedScheduleSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward process at `timesteps`, native scale: a(σ)·(x0 + σ·ε)."""
+        sigma = self.noise_schedule.t_to_sigma(torch.as_tensor(timesteps).cpu()).to(original_samples.device)
+        sigma = sigma.reshape(-1, *([1] * (original_samples.ndim - 1))) if sigma.ndim else sigma
+        scale = self.noise_schedule.native_scale(sigma)
+        return (scale * (original_samples.double() + sigma * noise.double())).to(original_samples.dtype)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """Flow-matching pipelines' name for :meth:`add_noise` (SD3 img2img)."""
+        return self.add_noise(sample, noise, timestep)
