@@ -15,8 +15,8 @@ from torch import nn
 
 VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FLOW_PREDICTION_TYPES = ("flow",)
-# Largest σ we ever use: zero-terminal-SNR VP schedules and flow matching reach σ = ∞ at their
-# last training step. Like diffusers (ᾱ_T = 2**-24 for `rescale_betas_zero_snr`), we cap it.
+# Zero-terminal-SNR VP schedules and flow matching reach σ = ∞ at their last training step. Like
+# diffusers' Euler scheduler (ᾱ_T = 2**-24 for `rescale_betas_zero_snr`), we use σ = 4096 there instead.
 SIGMA_MAX_CAP = 4096.0
 
 
@@ -52,7 +52,8 @@ class NoiseSchedule:
             keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                     "rescale_betas_zero_snr")
             ddpm = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None})
-            alphas_cumprod = ddpm.alphas_cumprod.double().clamp(min=1.0 / SIGMA_MAX_CAP**2)
+            alphas_cumprod = ddpm.alphas_cumprod.double()
+            alphas_cumprod[alphas_cumprod <= 0] = 1.0 / SIGMA_MAX_CAP**2  # zero terminal SNR only
             # 2. σ = √((1−ᾱ)/ᾱ) at every training timestep (increasing in t)
             self.train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
             self.prediction_type = prediction_type or config.get("prediction_type") or "epsilon"

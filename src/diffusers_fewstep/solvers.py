@@ -35,7 +35,7 @@ def first_order_step(x, sigma, sigma_next, denoised):
 
 
 def _is_zero(sigma) -> bool:
-    return float(sigma) == 0.0
+    return float(sigma.detach() if torch.is_tensor(sigma) else sigma) == 0.0
 
 
 def dpmpp_2m_step(x, denoised, sigmas, i, state):

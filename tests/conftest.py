@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+from diffusers_fewstep import DEFAULT_MODEL
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
+CLASSIFIER_DIR = os.path.join(SHARED, "fixtures", "fmnist-classifier")
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fixture_pipe():
+    """The vendored Fashion-MNIST DDPM (a real trained model), as a diffusers DDPMPipeline."""
+    from diffusers import DDPMPipeline
+
+    torch.set_num_threads(2)
+    return DDPMPipeline.from_pretrained(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def fixture_noise():
+    return torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,61 @@
+"""Solver steps on a closed-form problem: Gaussian data N(0, s²I), where D(x; σ) = x·s²/(s²+σ²) and the
+exact probability-flow ODE solution is x(σ) = x_T·√((s²+σ²)/(s²+σ_T²))."""
+import math
+
+import pytest
+import torch
+
+from diffusers_fewstep import karras_sigmas, loguniform_sigmas, sample
+from diffusers_fewstep.solvers import SOLVERS, canonical_solver
+
+S_DATA = 0.5
+
+
+def gaussian_denoiser(x, sigma):
+    return x * S_DATA**2 / (S_DATA**2 + sigma**2)
+
+
+def endpoint_error(solver, n, sigma_end=0.02):
+    sigmas = loguniform_sigmas(n, sigma_end, 80.0, final_zero=False)
+    x_t = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+    out = sample(gaussian_denoiser, x_t, sigmas, solver)
+    exact = x_t * math.sqrt((S_DATA**2 + sigma_end**2) / (S_DATA**2 + 80.0**2))
+    return float((out - exact).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("solver,min_ratio", [("euler", 1.6), ("dpmpp_2m", 3.0), ("unipc", 3.0), ("ipndm", 3.0)])
+def test_convergence_order(solver, min_ratio):
+    """Doubling the steps divides the error by ≈2 (first order) or ≥3 (the multistep solvers)."""
+    e1, e2 = endpoint_error(solver, 20), endpoint_error(solver, 40)
+    assert e2 < e1 / min_ratio
+    if solver == "euler":
+        assert e2 > e1 / 2.5  # and it is first order, not better
+
+
+def test_multistep_solvers_beat_first_order_at_equal_steps():
+    errors = {s: endpoint_error(s, 8) for s in SOLVERS}
+    for s in ("dpmpp_2m", "unipc", "ipndm"):
+        assert errors[s] < 0.5 * errors["euler"], errors
+
+
+def test_final_step_to_zero_returns_the_denoised_estimate():
+    sigmas = karras_sigmas(4, 0.02, 80.0)
+    x_t = torch.randn(8, 3, dtype=torch.float64) * 80
+    seen = []
+    out = sample(gaussian_denoiser, x_t, sigmas, "dpmpp_2m", callback=lambda info: seen.append(info["denoised"]))
+    assert torch.allclose(out, seen[-1])
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_steps_are_differentiable_in_the_sigmas(solver):
+    sigmas = loguniform_sigmas(5, 0.02, 80.0).requires_grad_(True)
+    x_t = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80
+    loss = sample(gaussian_denoiser, x_t, sigmas, solver).pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, sigmas)
+    assert torch.isfinite(grad).all() and grad[1:-1].abs().sum() > 0
+
+
+def test_solver_names():
+    assert canonical_solver("ddim") == "euler" and canonical_solver("unipc_bh2") == "unipc"
+    with pytest.raises(ValueError, match="unknown solver 'rk45'"):
+        canonical_solver("rk45")
