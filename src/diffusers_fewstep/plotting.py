@@ -1,0 +1,66 @@
+"""Plots of σ tables (learned against hand-made), for `optimize`, the benchmark and model cards."""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence
+
+BASELINES = {"Karras ρ=7": "karras", "uniform t": "time_linspace", "logSNR (uniform log σ)": "loguniform",
+             "DDIM trailing": "ddim_trailing"}
+
+
+def _axes_plot(ax, tables: Mapping[str, Sequence[float]], title: Optional[str] = None):
+    """Draw each table's positive σ's against the step index on a log σ axis."""
+    for k, (label, table) in enumerate(tables.items()):
+        values = [float(s) for s in table]
+        positive = [(i, s) for i, s in enumerate(values) if s > 0]
+        learned = "learned" in label.lower()
+        ax.plot([i for i, _ in positive], [s for _, s in positive], marker="o" if learned else ".",
+                linewidth=2.2 if learned else 1.0, linestyle="-" if learned else "--", label=label,
+                zorder=3 if learned else 2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step i (model evaluation)")
+    ax.set_ylabel("σ_i")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def plot_sigma_tables(tables: Mapping[str, Sequence[float]], path: str, title: Optional[str] = None) -> str:
+    """Plot `{label: [σ_0, …, σ_N]}` on one log-scale axis and save it to `path` (PNG, …).
+
+    Labels containing "learned" are drawn bold. A final σ = 0 is left out (log axis).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    _axes_plot(ax, tables, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_schedule_comparison(learned: Mapping[int, Sequence[float]], schedule, path: str,
+                             title: Optional[str] = None) -> str:
+    """One panel per NFE: the learned table against Karras, uniform-t, logSNR and DDIM-trailing tables
+    of the same model (`schedule`, a :class:`~diffusers_fewstep.NoiseSchedule`)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .schedules import baseline_sigmas
+
+    nfes = sorted(int(n) for n in learned)
+    fig, axes = plt.subplots(1, len(nfes), figsize=(4.5 * len(nfes), 4), squeeze=False)
+    for ax, nfe in zip(axes[0], nfes):
+        tables: Dict[str, Sequence[float]] = {f"learned ({nfe} steps)": learned.get(nfe, learned.get(str(nfe)))}
+        tables.update({label: baseline_sigmas(name, nfe, schedule).tolist() for label, name in BASELINES.items()})
+        _axes_plot(ax, tables, f"{title} · NFE {nfe}" if title else f"NFE {nfe}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
