@@ -1,0 +1,275 @@
+"""Phase 2: tune the model on the learned steps (DESIGN.md §4).
+
+With the σ table fixed, the first-order step from σ_i lands exactly on the teacher's trajectory
+when D(x_i; σ_i) equals the interval average of the frozen teacher's D over [u_i, u_{i+1}]
+(u = 1/σ). Since dy/du = D along the trajectory (y = x/σ, DESIGN.md §2), that average is
+exactly (y(u_{i+1}) − y(u_i)) / (u_{i+1} − u_i): it follows from the teacher's trajectory
+states at the scheduled σ's, which :func:`teacher_states` computes with a fine reference solve
+(a quadrature with `num_steps` teacher calls; the Monte Carlo is over the initial noises).
+
+Two targets, both at the scheduled σ_i only:
+
+- ``"interval_average"`` (the paper's): the model sees the teacher's own trajectory states
+  x(σ_i) and learns the interval average there, optionally mixed with the ordinary denoising
+  loss ``λ_i·‖D(x0 + σ_i·ε; σ_i) − x0‖²`` (:func:`denoising_loss`).
+- ``"trajectory"``: the model sees the states its own few-step solver visits, x̂_i, and learns
+  the D that makes each step from x̂_i land on the teacher's x(σ_{i+1}) — the solver's states
+  and their error propagation matter (DESIGN.md §3, lesson 3).
+
+Both targets come from one function, :func:`step_target`: every solver step is affine in the
+fresh D, so the D that lands the step on a given point is found from two evaluations of the
+shared step of :mod:`diffusers_fewstep.solvers`.
+
+LoRA adapters (peft) and the frozen teacher (a copy, or the same model with the adapter
+disabled) are built by :func:`add_lora` and :func:`make_teacher`.
+"""
+from __future__ import annotations
+
+import copy
+import contextlib
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import solvers
+from .adapter import NoiseSchedule, _bcast
+from .schedules import time_uniform_sigmas
+
+PHASE2_TARGETS = ("interval_average", "trajectory")
+# layers of diffusers UNets that get LoRA adapters: attention projections, resnet convolutions,
+# time-embedding projections (peft matches these as suffixes of module names)
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj", "proj_in", "proj_out")
+
+
+# --- teacher trajectories ------------------------------------------------------------------
+def reference_grid(sigmas: torch.Tensor, schedule: NoiseSchedule, num_steps: int = 200) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fine σ grid that contains every entry of `sigmas`, and the positions of those entries in it.
+
+    The grid is the benchmark reference's (`time_uniform_sigmas(num_steps, schedule, "trailing")`)
+    merged with the table, so a solve on it passes exactly through the scheduled σ's.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    fine = time_uniform_sigmas(num_steps, schedule, "trailing", final_zero=False)
+    fine = fine[fine < sigmas[0] * (1 - 1e-4)]  # σ_0 of the table starts the grid
+    positive = sigmas[sigmas > 0]
+    # drop fine points within 1e-4 (relative) of a table σ, then merge
+    close = ((fine[:, None] - positive[None, :]).abs() <= 1e-4 * positive[None, :]).any(1)
+    merged = torch.cat([fine[~close], positive]).sort(descending=True).values
+    if sigmas[-1] == 0:  # the last interval runs down the fine grid to σ_min, then to 0
+        merged = torch.cat([merged, merged.new_zeros(1)])
+    else:  # nothing below the table's final σ
+        merged = merged[merged >= positive[-1] * (1 - 1e-9)]
+    index = torch.stack([(merged - s).abs().argmin() for s in sigmas])
+    return merged, index
+
+
+@torch.no_grad()
+def teacher_states(teacher: Callable, noise: torch.Tensor, sigmas: torch.Tensor, num_steps: int = 200,
+                   solver: str = "dpmpp_2m", cond: Optional[dict] = None) -> torch.Tensor:
+    """The teacher's probability-flow trajectory at every scheduled σ.
+
+    Args:
+        teacher: the frozen teacher `D(x, sigma, cond=...)` in σ-space (a `SigmaDenoiser`).
+        noise (`torch.Tensor`): native initial noise ε of shape `(B, C, H, W)`.
+        sigmas (`torch.Tensor`): the table `[σ_0, …, σ_N]`.
+        num_steps (`int`, *optional*, defaults to 200): steps of the reference solve (the
+            benchmark's 200-step DPM-Solver++(2M) grid, merged with the table).
+        solver (`str`, *optional*, defaults to `"dpmpp_2m"`): the reference solver.
+        cond (`dict`, *optional*): conditioning kwargs passed to the teacher.
+
+    Returns:
+        `torch.Tensor` of shape `(N + 1, B, C, H, W)`: x(σ_i) in σ-space; entry 0 is the start
+        `ε / a(σ_0)` and, for a table ending in 0, entry N is the teacher's sample.
+    """
+    grid, index = reference_grid(sigmas, teacher.schedule, num_steps)
+    grid = grid.to(device=noise.device, dtype=torch.float32)
+    x = noise / teacher.schedule.native_scale(grid[0])
+    states, state, keep = [x], None, set(index[1:].tolist())
+    for k in range(len(grid) - 1):
+        denoised = teacher(x, grid[k], cond=cond)
+        x, state = solvers.step(solver, x, denoised, grid, k, state)
+        if k + 1 in keep:
+            states.append(x)
+    return torch.stack(states)
+
+
+# --- targets and losses ---------------------------------------------------------------------
+def step_target(solver: str, x: torch.Tensor, sigmas: torch.Tensor, i: int, state, x_to: torch.Tensor) -> torch.Tensor:
+    """The D that makes `solver`'s step from (x, σ_i) land exactly on `x_to` at σ_{i+1}.
+
+    Every supported step is affine in the fresh D: x_{i+1} = a + c·D, so D = (x_to − a)/c with
+    a = step(D=0) and c = step(D=1) − a. For the first-order solver this is the interval
+    average of D over [u_i, u_{i+1}] along any path from x to x_to (DESIGN.md §2).
+    """
+    zero = torch.zeros_like(x)
+    a, _ = solvers.step(solver, x, zero, sigmas, i, state)
+    c, _ = solvers.step(solver, x, zero + 1, sigmas, i, state)
+    return (x_to - a) / (c - a)
+
+
+def _per_step_weights(weights, n: int, like: torch.Tensor) -> torch.Tensor:
+    if weights is None:
+        return like.new_ones(n)
+    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device).reshape(-1)
+    if w.numel() == 1:
+        return w.expand(n)
+    if w.numel() != n:
+        raise ValueError(f"got {w.numel()} per-step weights for a table with {n} steps; give 1 or {n}")
+    return w
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def interval_average_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor,
+                          cond: Optional[dict] = None, step_weights=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Target (a): at the teacher's states x(σ_i), D_θ should equal the teacher's interval average.
+
+    All N steps go through the student in one batch. Returns (loss, per-step losses).
+    """
+    n = len(sigmas) - 1
+    batch = states.shape[1]
+    targets = torch.stack([step_target("euler", states[i], sigmas, i, None, states[i + 1]) for i in range(n)])
+    x = states[:n].flatten(0, 1)
+    sigma = sigmas[:n].repeat_interleave(batch)
+    cond_n = None if cond is None else {k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in cond.items()}
+    per_sample = _mse(student(x, sigma, cond=cond_n), targets.flatten(0, 1)).view(n, batch)
+    per_step = per_sample.mean(1)
+    return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
+
+
+def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str = "euler",
+                    cond: Optional[dict] = None, step_weights=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Target (b): along the student's own few-step solve x̂_0 → … → x̂_N, D_θ(x̂_i; σ_i) should
+    make the step land on the teacher's x(σ_{i+1}). The solve itself is not back-propagated
+    through (each step's D is detached before advancing). Returns (loss, per-step losses)."""
+    n = len(sigmas) - 1
+    x, state, losses = states[0], None, []
+    for i in range(n):
+        target = step_target(solver, x, sigmas, i, state, states[i + 1])
+        denoised = student(x, sigmas[i], cond=cond)
+        losses.append(_mse(denoised, target).mean())
+        x, state = solvers.step(solver, x, denoised.detach().to(x.dtype), sigmas, i, state)
+    per_step = torch.stack(losses)
+    return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
+
+
+def denoising_loss(student: Callable, x0: torch.Tensor, sigmas: torch.Tensor, generator: Optional[torch.Generator] = None,
+                   cond: Optional[dict] = None, step_weights=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ordinary denoising loss at the scheduled σ_i only: λ_i·‖D_θ(x0 + σ_i·ε; σ_i) − x0‖².
+
+    Each sample gets one scheduled σ_i (i cycling over the batch) and fresh noise from `generator`.
+    Returns (loss, per-step losses).
+    """
+    n = len(sigmas) - 1
+    positive = sigmas[:n]
+    i = torch.arange(x0.shape[0], device=x0.device) % n
+    eps = torch.randn(x0.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    eps = eps.to(device=x0.device, dtype=x0.dtype)
+    sigma = positive[i]
+    per_sample = _mse(student(x0 + _bcast(sigma, x0) * eps, sigma, cond=cond), x0)
+    per_step = torch.zeros(n, device=x0.device).index_add(0, i, per_sample) / torch.bincount(i, minlength=n).clamp(min=1)
+    return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
+
+
+def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, target: str = "trajectory",
+                solver: str = "euler", x0: Optional[torch.Tensor] = None, denoising_weights=None,
+                step_weights=None, generator: Optional[torch.Generator] = None,
+                cond: Optional[dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The Phase-2 loss for one batch of teacher trajectories.
+
+    Args:
+        student: the model being tuned, as a σ-space denoiser `D(x, sigma, cond=...)`.
+        states (`torch.Tensor`): `(N + 1, B, …)` teacher states at the scheduled σ's (:func:`teacher_states`).
+        sigmas (`torch.Tensor`): the table `[σ_0, …, σ_N]`.
+        target (`str`, *optional*, defaults to `"trajectory"`): `"interval_average"` or `"trajectory"`.
+        solver (`str`, *optional*, defaults to `"euler"`): the few-step solver (target `"trajectory"`).
+        x0 (`torch.Tensor`, *optional*): clean samples for the denoising loss (data, or the teacher's
+            samples `states[-1]`); needed when `denoising_weights` is given.
+        denoising_weights (`float` or `list[float]`, *optional*): λ_i of the denoising loss, one
+            value or one per step; `None` or 0 turns it off.
+        step_weights (`list[float]`, *optional*): weights of the N per-step target losses.
+        generator (`torch.Generator`, *optional*): noise for the denoising loss.
+        cond (`dict`, *optional*): conditioning kwargs for the model.
+
+    Returns:
+        (loss, logs) with per-step losses `step_i` and the denoising term as floats.
+    """
+    if target == "interval_average":
+        loss, per_step = interval_average_loss(student, states, sigmas, cond, step_weights)
+    elif target == "trajectory":
+        loss, per_step = trajectory_loss(student, states, sigmas, solver, cond, step_weights)
+    else:
+        raise ValueError(f"unknown Phase-2 target {target!r}; choose one of {list(PHASE2_TARGETS)}")
+    logs = {f"step_{i}": float(v) for i, v in enumerate(per_step)}
+    if denoising_weights is not None and torch.as_tensor(denoising_weights).abs().sum() > 0:
+        if x0 is None:
+            raise ValueError("denoising_weights needs x0 (data, or the teacher's samples)")
+        dn, _ = denoising_loss(student, x0, sigmas, generator, cond, denoising_weights)
+        loss = loss + dn
+        logs["denoising"] = float(dn)
+    logs["target_loss"] = float(per_step.mean())
+    return loss, logs
+
+
+# --- LoRA and the frozen teacher -------------------------------------------------------------
+def lora_target_modules(model: nn.Module, candidates: Sequence[str] = LORA_TARGET_MODULES) -> list:
+    """The names in `candidates` that match at least one Linear/Conv2d module of `model`."""
+    found = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            found.update(c for c in candidates if name == c or name.endswith("." + c))
+    if not found:
+        raise ValueError(f"no layer of {type(model).__name__} matches the LoRA targets {list(candidates)}")
+    return sorted(found)
+
+
+def add_lora(model: nn.Module, rank: int = 16, alpha: Optional[float] = None, dropout: float = 0.0,
+             target_modules: Optional[Sequence[str]] = None):
+    """Wrap `model` in a peft `PeftModel` with a LoRA adapter on its attention, convolution and
+    time-embedding layers; only the adapter is trainable. Save with `save_pretrained(dir)`,
+    load with `peft.PeftModel.from_pretrained(base_model, dir)`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights="gaussian",
+                        target_modules=list(target_modules or lora_target_modules(model)))
+    return get_peft_model(model, config)
+
+
+class AdapterDisabled(nn.Module):
+    """The base model under a peft adapter: calls run with the adapter switched off (the LoRA teacher)."""
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+
+def make_teacher(model: nn.Module, use_lora: bool) -> nn.Module:
+    """The frozen teacher: the base model under the adapter (LoRA), else a frozen copy of `model`."""
+    if use_lora:
+        return AdapterDisabled(model)
+    teacher = copy.deepcopy(model)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@contextlib.contextmanager
+def ema_weights(ema, parameters):
+    """Temporarily load the EMA weights into `parameters` (diffusers `EMAModel`; no-op when `ema` is None)."""
+    if ema is None:
+        yield
+        return
+    parameters = list(parameters)
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)

@@ -1,0 +1,164 @@
+"""Phase 2 (finetune.py): teacher trajectories, step targets, both losses, LoRA teacher/student."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffusers_fewstep import solvers
+from diffusers_fewstep.adapter import NoiseSchedule, SigmaDenoiser
+from diffusers_fewstep.finetune import (add_lora, denoising_loss, make_teacher, phase2_loss, reference_grid,
+                                        step_target, teacher_states)
+from diffusers_fewstep.schedules import time_uniform_sigmas
+
+CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+          "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
+def tiny_unet(seed=0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+
+
+class GaussianDenoiser(nn.Module):
+    """Exact D for data x0 ~ N(0, s²·I): D(x; σ) = s²/(s²+σ²)·x; its ODE trajectory is x(σ) ∝ √(s²+σ²)."""
+
+    def __init__(self, s=0.5):
+        super().__init__()
+        self.s = s
+        self.schedule = NoiseSchedule(CONFIG)
+
+    def forward(self, x, sigma, cond=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return self.s**2 / (self.s**2 + sigma**2) * x
+
+
+def four_step_table(schedule):
+    return time_uniform_sigmas(4, schedule, "trailing").float()
+
+
+def test_reference_grid_passes_through_the_table():
+    schedule = NoiseSchedule(CONFIG)
+    table = torch.tensor([schedule.sigma_max, 7.3, 1.234, 0.2, 0.0], dtype=torch.float64)
+    grid, index = reference_grid(table, schedule, num_steps=50)
+    assert torch.all(grid[:-1] > grid[1:])
+    assert torch.allclose(grid[index], table)
+    fine = time_uniform_sigmas(50, schedule, "trailing")
+    assert float(grid[-1]) == 0.0 and float(grid[-2]) == pytest.approx(float(fine[-2]), rel=1e-6)
+    assert 50 <= len(grid) - 1 <= 54  # the fine grid plus at most the table's own entries
+    no_zero, index2 = reference_grid(table[:-1], schedule, num_steps=50)
+    assert float(no_zero[-1]) == pytest.approx(0.2) and torch.allclose(no_zero[index2], table[:-1])
+
+
+def test_teacher_states_follow_the_exact_trajectory_of_gaussian_data():
+    teacher = GaussianDenoiser(0.5)
+    table = four_step_table(teacher.schedule)
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    states = teacher_states(teacher, noise, table, num_steps=200)
+    x_t = noise / teacher.schedule.native_scale(table[0])
+    exact = torch.stack([x_t * math.sqrt((0.25 + float(s) ** 2) / (0.25 + float(table[0]) ** 2)) for s in table])
+    assert states.shape == (5, 3, 1, 4, 4)
+    assert torch.allclose(states[0], x_t)
+    rel = (states - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
+    assert float(rel.max()) < 2e-3
+
+
+def test_teacher_states_endpoint_is_the_reference_solve():
+    teacher = SigmaDenoiser(tiny_unet(), CONFIG).eval()
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    grid = time_uniform_sigmas(20, teacher.schedule, "trailing").float()
+    states = teacher_states(teacher, noise, four_step_table(teacher.schedule), num_steps=20)
+    x_t = noise / teacher.schedule.native_scale(grid[0])
+    with torch.no_grad():
+        reference = solvers.sample(teacher, x_t, grid, "dpmpp_2m")
+    assert torch.allclose(states[-1], reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "ipndm", "unipc"])
+def test_step_target_lands_the_step(solver):
+    gen = torch.Generator().manual_seed(2)
+    sigmas = torch.tensor([80.0, 9.0, 1.5, 0.3, 0.0])
+    x = torch.randn(2, 1, 4, 4, generator=gen) * 80
+    state = None
+    for i in range(len(sigmas) - 1):
+        x_to = torch.randn(2, 1, 4, 4, generator=gen) * float(sigmas[i + 1]) + 0.3
+        target = step_target(solver, x, sigmas, i, state, x_to)
+        x_next, state = solvers.step(solver, x, target, sigmas, i, state)
+        assert torch.allclose(x_next, x_to, atol=1e-4 * (1 + float(sigmas[i + 1]))), (solver, i)
+        x = x_next
+
+
+def test_euler_step_target_is_the_interval_average_on_gaussian_data():
+    # along the exact trajectory, the target equals (1/(u'-u))∫D du, here by a fine quadrature
+    teacher = GaussianDenoiser(0.5)
+    sigma, sigma_next = torch.tensor(2.0), torch.tensor(0.4)
+    x = torch.full((1, 1, 2, 2), 3.0)
+    along = lambda s: x * math.sqrt((0.25 + s**2) / (0.25 + 4.0))  # noqa: E731
+    target = step_target("euler", x, torch.stack([sigma, sigma_next]), 0, None, along(0.4))
+    u = torch.linspace(1 / 2.0, 1 / 0.4, 20001, dtype=torch.float64)
+    d = torch.stack([teacher(along(float(1 / ui)), 1 / ui).double().mean() for ui in u[::100]])
+    average = float(torch.trapezoid(d, u[::100]) / (u[-1] - u[0]))
+    assert float(target.mean()) == pytest.approx(average, rel=1e-3)
+
+
+def test_denoising_loss_per_step_bookkeeping():
+    zero_student = lambda x, sigma, cond=None: torch.zeros_like(x)  # noqa: E731
+    x0 = torch.arange(8, dtype=torch.float32).reshape(8, 1, 1, 1).expand(8, 1, 2, 2)
+    sigmas = torch.tensor([10.0, 1.0, 0.0])
+    loss, per_step = denoising_loss(zero_student, x0, sigmas, torch.Generator().manual_seed(0), step_weights=[1.0, 0.0])
+    # samples 0,2,4,6 go to step 0 (mean x0² = 14), samples 1,3,5,7 to step 1 (mean 21)
+    assert per_step.tolist() == pytest.approx([14.0, 21.0])
+    assert float(loss) == pytest.approx(14.0 / 2)
+
+
+def _endpoint_error(student, noise, table, reference):
+    x = noise / student.schedule.native_scale(table[0])
+    with torch.no_grad():
+        return float((solvers.sample(student, x, table, "euler") - reference).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("target", ["interval_average", "trajectory"])
+def test_phase2_reduces_the_few_step_error(target):
+    """A few dozen Adam steps of either target cut the 4-step error against the teacher's reference."""
+    teacher = SigmaDenoiser(make_teacher(tiny_unet(), use_lora=False), CONFIG)
+    student = SigmaDenoiser(tiny_unet(), CONFIG)
+    table = four_step_table(teacher.schedule)
+    gen = torch.Generator().manual_seed(3)
+    pool = teacher_states(teacher, torch.randn(128, 1, 8, 8, generator=gen), table, num_steps=10)
+    held_noise = torch.randn(32, 1, 8, 8, generator=gen)
+    held_ref = teacher_states(teacher, held_noise, table, num_steps=10)[-1]
+    before = _endpoint_error(student, held_noise, table, held_ref)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    for step in range(25):
+        pick = torch.randint(128, (32,), generator=gen)
+        loss, logs = phase2_loss(student, pool[:, pick], table, target, denoising_weights=None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = _endpoint_error(student, held_noise, table, held_ref)
+    assert set(logs) >= {"step_0", "step_3", "target_loss"}
+    assert after < 0.7 * before, (target, before, after)
+
+
+def test_lora_student_and_adapter_off_teacher():
+    base = tiny_unet()
+    reference = copy.deepcopy(base)
+    model = add_lora(base, rank=4)
+    teacher = make_teacher(model, use_lora=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 500.0])
+    same = reference(x, t).sample
+    assert torch.allclose(model(x, timestep=t).sample, same, atol=1e-6)  # B = 0 at init
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    assert (model(x, timestep=t).sample - same).abs().max() > 1e-3
+    assert torch.allclose(teacher(x, timestep=t).sample, same, atol=1e-6)
+    assert (model(x, timestep=t).sample - same).abs().max() > 1e-3  # adapter back on afterwards
