@@ -155,7 +155,8 @@ def apply_bundle(pipe, bundle: FewStepBundle, adapter_name: str = "fewstep"):
         pipe.register_modules(**{name: tuned.to(current.device)})
     if bundle.lora_folder:
         _load_lora(pipe, name, bundle, adapter_name)
-    pipe.register_modules(scheduler=bundle.scheduler)
+    # a fresh scheduler per pipeline: schedulers carry per-run state
+    pipe.register_modules(scheduler=LearnedScheduleScheduler.from_config(bundle.scheduler.config))
     return pipe
 
 
