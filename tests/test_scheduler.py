@@ -79,7 +79,7 @@ def test_works_unchanged_in_ddpm_pipeline_and_round_trips(fixture_pipe, tmp_path
     pipe = DDPMPipeline(unet=fixture_pipe.unet, scheduler=sched)
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["scheduler"] == ["diffusers_fewstep", "LearnedScheduleScheduler"]
+    assert index["scheduler"][0].split(".")[0] == "diffusers_fewstep" and index["scheduler"][1] == "LearnedScheduleScheduler"
     reloaded = DDPMPipeline.from_pretrained(tmp_path / "pipe")
     assert isinstance(reloaded.scheduler, LearnedScheduleScheduler)
     assert reloaded.scheduler.config.sigma_tables == sched.config.sigma_tables
@@ -119,7 +119,7 @@ def test_missing_step_count_names_available_and_interpolation_is_labelled():
         sched.set_timesteps(7)
     sched = LearnedScheduleScheduler(sigma_tables=tables, allow_interpolation=True)
     sched.set_timesteps(7)
-    assert len(sched.sigmas) == 8 and sched.sigmas[0] == 157.4 and sched.sigmas[-1] == 0
+    assert len(sched.sigmas) == 8 and float(sched.sigmas[0]) == pytest.approx(157.4) and sched.sigmas[-1] == 0
     assert "interpolated" in sched.table_source and "8-step" in sched.table_source
     assert (sched.sigmas[1:] < sched.sigmas[:-1]).all()
 
