@@ -182,20 +182,33 @@ def test_bundle_with_tuned_unet(tmp_path, tiny, pipe):
     assert np.abs(images - untuned).max() > 0.01
 
 
-def test_bundle_with_peft_lora(tmp_path, tiny, pipe):
-    from peft import LoraConfig, inject_adapter_in_model
+def adapted_unet(unet, writer=None):
+    """A copy of `unet` with a LoRA adapter that changes its output (peft initialises lora_B to zero)."""
+    from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
-    adapted = perturbed_unet(tiny["unet"], scale=0.0)  # a copy of the base weights
-    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", "to_v", "conv1"]), adapted)
-    with torch.no_grad():  # lora_B starts at zero (a no-op); make the adapter do something
+    config = LoraConfig(r=2, target_modules=["to_q", "to_v", "conv1"])
+    copy = perturbed_unet(unet, scale=0.0)
+    adapted = get_peft_model(copy, config) if writer == "peft" else inject_adapter_in_model(config, copy)
+    with torch.no_grad():
         for name, p in adapted.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
-    save_bundle(tmp_path, pipe.scheduler, lora_model=adapted)
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name.removeprefix("base_model.model."))))
+    return adapted
+
+
+@pytest.mark.parametrize("writer", ["save_bundle", "peft"])
+def test_bundle_with_peft_lora(tmp_path, tiny, pipe, writer):
+    adapted = adapted_unet(tiny["unet"], writer)
+    if writer == "peft":  # what `PeftModel.save_pretrained` writes (the Phase-2 trainer's unet_lora/)
+        save_bundle(tmp_path, pipe.scheduler)
+        adapted.save_pretrained(tmp_path / "unet_lora")
+    else:
+        save_bundle(tmp_path, pipe.scheduler, lora_model=adapted)
     bundle = load_bundle(str(tmp_path))
-    assert (bundle.lora_format, os.path.basename(bundle.lora_folder)) == ("peft", "lora")
-    base_unet = perturbed_unet(tiny["unet"], scale=0.0)
-    base = quiet(FewStepUnconditionalPipeline(unet=base_unet, scheduler=tiny["scheduler"])).load_fewstep(bundle)
+    assert (bundle.lora_format, os.path.basename(bundle.lora_folder)) == (
+        "peft", "unet_lora" if writer == "peft" else "lora")
+    base = quiet(FewStepUnconditionalPipeline(unet=perturbed_unet(tiny["unet"], scale=0.0),
+                                              scheduler=tiny["scheduler"])).load_fewstep(bundle)
     images = base(batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images
     expected = quiet(FewStepUnconditionalPipeline(unet=adapted, scheduler=pipe.scheduler))(
         batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images

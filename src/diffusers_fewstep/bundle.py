@@ -5,9 +5,11 @@ A bundle is an ordinary folder (local path or Hub repo id)::
     bundle/
       scheduler/scheduler_config.json   # LearnedScheduleScheduler: σ tables, solver, provenance (required)
       unet/ or transformer/             # tuned full weights (optional, Phase 2)
-      lora/                             # or a LoRA adapter for the base model (optional, Phase 2):
+      lora/ (or unet_lora/, transformer_lora/)
+                                        # or a LoRA adapter for the base model (optional, Phase 2):
                                         #   peft format:      adapter_config.json + adapter_model.safetensors
-                                        #   diffusers format: pytorch_lora_weights.safetensors
+                                        #                     (`PeftModel.save_pretrained`, `save_bundle`)
+                                        #   diffusers format: pytorch_lora_weights.safetensors (`save_lora_weights`)
       README.md                         # model card (optional)
 
 :func:`load_bundle` reads one, :func:`apply_bundle` puts it into a pipeline after checking that it was
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DENOISER_NAMES = ("unet", "transformer")
 LORA_SUBFOLDER = "lora"
+LORA_FOLDERS = (LORA_SUBFOLDER, "unet_lora", "transformer_lora", ".")  # where load_bundle looks, in order
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -55,7 +58,7 @@ class FewStepBundle:
 
 
 def _find_lora(folder: str):
-    for candidate in (os.path.join(folder, LORA_SUBFOLDER), folder):
+    for candidate in (os.path.normpath(os.path.join(folder, sub)) for sub in LORA_FOLDERS):
         if os.path.isfile(os.path.join(candidate, PEFT_CONFIG_FILE)):
             return candidate, "peft"
         if os.path.isfile(os.path.join(candidate, DIFFUSERS_LORA_FILE)):
