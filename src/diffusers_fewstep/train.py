@@ -1,0 +1,507 @@
+"""Alternate Phase 1 (learn σ tables) and Phase 2 (tune the model on them) under `accelerate launch`.
+
+    accelerate launch scripts/train_fewstep.py --nfe 4 6 --rounds 2 --output_dir fmnist-fewstep
+
+Round r runs Phase 1 (:func:`diffusers_fewstep.optimizer.optimize_schedule` on the current, EMA
+model) and then Phase 2 (:mod:`diffusers_fewstep.finetune`, `--phase2_steps` optimiser steps);
+a final Phase 1 re-learns the tables for the tuned model. Conventions follow diffusers'
+`examples/unconditional_image_generation/train_unconditional.py`: `checkpoint-{step}` folders,
+`--checkpoints_total_limit`, `--resume_from_checkpoint latest`, trackers through `--report_to`,
+`--push_to_hub`. Every random draw comes from a generator seeded by (seed, round, step), so a
+resumed run continues exactly where a killed one stopped.
+
+The output folder holds `scheduler/` (a `LearnedScheduleScheduler` with a table for every NFE),
+the tuned `unet/` (full fine-tuning; with the base pipeline's `model_index.json` when the base
+is an unconditional pipeline) or the LoRA adapter `unet_lora/`, `metrics.json`, `sigmas.png`
+and a model card `README.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from . import DEFAULT_MODEL, solvers
+from .adapter import SigmaDenoiser
+from .finetune import PHASE2_TARGETS, add_lora, ema_weights, make_teacher, phase2_loss, teacher_states
+from .schedules import time_uniform_sigmas
+
+logger = logging.getLogger(__name__)
+
+
+# --- arguments --------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training options (one per line, as diffusers' training examples)."""
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_MODEL, help="Pipeline folder or Hub id of the model (default: the vendored Fashion-MNIST DPM).")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[4], help="Step counts (model evaluations) to learn tables for.")
+    parser.add_argument("--solver", type=str, default="euler", choices=list(solvers.SOLVERS), help="Few-step solver the tables and the model are tuned for.")
+    parser.add_argument("--rounds", type=int, default=2, help="Phase-2 rounds; Phase 1 runs before each and once more at the end (0: Phase 1 only).")
+    parser.add_argument("--output_dir", type=str, default="fewstep-model", help="Where checkpoints and the final model go.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every random draw (noises, batches, Phase 1).")
+    parser.add_argument("--phase1_objective", type=str, default="trajectory", help="Phase-1 objective (see `diffusers-fewstep optimize`).")
+    parser.add_argument("--phase1_iters", type=int, default=150, help="Adam steps of Phase 1 per NFE and round.")
+    parser.add_argument("--phase1_batch_size", type=int, default=128, help="Noises per Phase-1 step.")
+    parser.add_argument("--phase1_pool_size", type=int, default=None, help="Noises (with teacher references) Phase 1 draws its batches from (default: optimize_schedule's).")
+    parser.add_argument("--phase1_init", type=str, default="ddim_trailing", help="Hand-made table Phase 1 starts from.")
+    parser.add_argument("--phase2_target", type=str, default="trajectory", choices=list(PHASE2_TARGETS), help="Phase-2 target: the teacher's interval average at its own states, or the landing D at the solver's states.")
+    parser.add_argument("--phase2_steps", type=int, default=1000, help="Optimiser steps of Phase 2 per round.")
+    parser.add_argument("--train_batch_size", type=int, default=64, help="Trajectories per device and micro-batch.")
+    parser.add_argument("--pool_size", type=int, default=4096, help="Teacher trajectories drawn per NFE and round (split over processes).")
+    parser.add_argument("--pool_batch_size", type=int, default=512, help="Batch size of the teacher solves that build the pool.")
+    parser.add_argument("--reference_steps", type=int, default=200, help="Steps of the teacher's reference solve (DPM-Solver++(2M)).")
+    parser.add_argument("--denoising_weight", type=float, nargs="+", default=[0.0], help="λ_i of the denoising loss mixed into Phase 2: one value or one per step.")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Clean images for the denoising loss: Fashion-MNIST IDX files or an image folder (default: the teacher's samples).")
+    parser.add_argument("--conditioning_file", type=str, default=None, help="Class labels (one integer per line) for class-conditional models.")
+    parser.add_argument("--learning_rate", type=float, default=2e-5, help="Adam learning rate.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant", help="diffusers.optimization scheduler name.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning rate.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="Adam β1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="Adam β2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam ε.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the tuned weights; Phase 1, evaluation and the output use it.")
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay.")
+    parser.add_argument("--use_lora", action="store_true", help="Tune a LoRA adapter (peft) instead of all weights; the teacher is the model with the adapter off.")
+    parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank.")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (default: the rank).")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Mixed precision (default: accelerate's config).")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-{step} folder every this many optimiser steps (and after every Phase 1).")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
+    parser.add_argument("--stop_after_steps", type=int, default=None, help="Stop (without saving) after this many optimiser steps, as if killed.")
+    parser.add_argument("--eval_samples", type=int, default=256, help="Noises for the endpoint RMSE reported after every phase.")
+    parser.add_argument("--eval_steps", type=int, default=None, help="Also evaluate every this many Phase-2 steps (learning curve).")
+    parser.add_argument("--fd_classifier", type=str, default=None, help="Feature network folder (arch.py with load_classifier); adds FD to every evaluation.")
+    parser.add_argument("--fd_data", type=str, default=None, help="Folder with the Fashion-MNIST test IDX files for the FD reference statistics.")
+    parser.add_argument("--fd_samples", type=int, default=5000, help="Samples per FD evaluation.")
+    parser.add_argument("--report_to", type=str, default=None, help="Tracker(s) for accelerate: tensorboard, wandb, all.")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: the output folder's name).")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
+    parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    args = add_arguments(parser).parse_args(argv)
+    if len(args.denoising_weight) > 1 and any(len(args.denoising_weight) != n for n in args.nfe):
+        parser.error(f"--denoising_weight takes 1 value or one per step ({args.nfe}); got {args.denoising_weight}")
+    return args
+
+
+# --- state that travels in a checkpoint ----------------------------------------------------------
+class TrainState:
+    """Round/phase counters, the current σ tables and the metrics, saved in every checkpoint."""
+
+    def __init__(self):
+        self.round, self.phase, self.global_step, self.step_in_phase = 0, 1, 0, 0
+        self.tables: Dict[str, List[float]] = {}
+        self.metrics: List[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "phase": self.phase, "global_step": self.global_step,
+                "step_in_phase": self.step_in_phase, "tables": json.dumps(self.tables), "metrics": json.dumps(self.metrics)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round, self.phase = int(state["round"]), int(state["phase"])
+        self.global_step, self.step_in_phase = int(state["global_step"]), int(state["step_in_phase"])
+        self.tables, self.metrics = json.loads(state["tables"]), json.loads(state["metrics"])
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of integers (seed, round, step, process, …)."""
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+# --- data ---------------------------------------------------------------------------------------
+def load_images(path: str, resolution: int, channels: int) -> torch.Tensor:
+    """Images in [-1, 1] of shape (N, channels, resolution, resolution): Fashion-MNIST IDX files
+    (`train-images-idx3-ubyte.gz`, else `t10k-…`; padded to 32×32 as the fixture) or an image folder (resized)."""
+    import glob
+
+    import numpy as np
+
+    if glob.glob(os.path.join(path, "*-images-idx3-ubyte.gz")):
+        from .evaluation import fmnist_images
+
+        split = "train" if os.path.isfile(os.path.join(path, "train-images-idx3-ubyte.gz")) else "test"
+        images = fmnist_images(path, split)
+        if images.shape[-1] != resolution:
+            images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear")
+        return images.expand(-1, channels, -1, -1).contiguous()
+    from PIL import Image
+
+    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
+    if not files:
+        raise FileNotFoundError(f"no Fashion-MNIST IDX files or images in {path}")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = [np.asarray(Image.open(f).convert(mode).resize((resolution, resolution), Image.BICUBIC)) for f in files]
+    images = torch.from_numpy(np.stack(arrays)).float().reshape(len(files), resolution, resolution, -1)
+    return (images.permute(0, 3, 1, 2) / 127.5 - 1).contiguous()
+
+
+def load_conditioning(path: Optional[str], device) -> Optional[torch.Tensor]:
+    """Class labels from a file (one integer per line) for class-conditional models."""
+    if path is None:
+        return None
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    try:
+        return torch.tensor([int(v) for v in lines], device=device)
+    except ValueError:
+        raise ValueError(f"{path}: expected one integer class label per line; text prompts need a "
+                         "text-conditional pipeline, which this script does not drive yet") from None
+
+
+def _cond(labels: Optional[torch.Tensor], batch: int, generator: torch.Generator) -> Optional[dict]:
+    if labels is None:
+        return None
+    pick = torch.randint(len(labels), (batch,), generator=generator)
+    return {"class_labels": labels[pick.to(labels.device)]}
+
+
+# --- phases -------------------------------------------------------------------------------------
+def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None) -> Dict[str, List[float]]:
+    """Phase 1 on the current model: one learned table per NFE, starting from `init` ({nfe: table}) or
+    `--phase1_init`. The model's `requires_grad` flags are restored afterwards."""
+    from .optimizer import optimize_schedule
+
+    flags = [p.requires_grad for p in denoiser.parameters()]
+    try:
+        result = optimize_schedule(denoiser, nfes=list(args.nfe), solver=args.solver, objective=args.phase1_objective,
+                                   num_iters=args.phase1_iters, batch_size=args.phase1_batch_size,
+                                   init={int(k): v for k, v in init.items()} if init else args.phase1_init,
+                                   reference_steps=args.reference_steps, pool_size=args.phase1_pool_size,
+                                   seed=args.seed + 1000 * round_,
+                                   device=device, progress=False)
+    finally:
+        for p, flag in zip(denoiser.parameters(), flags):
+            p.requires_grad_(flag)
+    return {str(n): [float(s) for s in result.tables[n]] for n in args.nfe}
+
+
+@torch.no_grad()
+def build_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, generator: torch.Generator, device,
+               labels: Optional[torch.Tensor] = None) -> dict:
+    """`size` teacher trajectories at the scheduled σ's (and their conditioning)."""
+    states, conds = [], []
+    for start in range(0, size, args.pool_batch_size):
+        n = min(args.pool_batch_size, size - start)
+        noise = torch.randn((n, *args.sample_shape), generator=generator).to(device)
+        cond = _cond(labels, n, generator)
+        states.append(teacher_states(teacher, noise, sigmas, args.reference_steps, cond=cond))
+        conds.append(cond)
+    pool = {"states": torch.cat(states, 1)}
+    if labels is not None:
+        pool["cond"] = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return pool
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def _checkpoints(output_dir: str) -> List[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    dirs = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
+    return sorted(dirs, key=lambda d: int(d.split("-")[1]))
+
+
+def save_checkpoint(accelerator, args, step: int) -> None:
+    """`checkpoint-{step}` via `accelerator.save_state`, honouring `--checkpoints_total_limit`."""
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        existing = [d for d in _checkpoints(args.output_dir) if d != f"checkpoint-{step}"]
+        for d in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(os.path.join(args.output_dir, d))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+
+
+def resume(accelerator, args) -> Optional[str]:
+    """Load `--resume_from_checkpoint` (a folder or 'latest'); returns the folder or None."""
+    if not args.resume_from_checkpoint:
+        return None
+    path = args.resume_from_checkpoint
+    if path == "latest":
+        found = _checkpoints(args.output_dir)
+        if not found:
+            accelerator.print(f"no checkpoint in {args.output_dir}; starting a new run")
+            return None
+        path = os.path.join(args.output_dir, found[-1])
+    accelerator.print(f"resuming from {path}")
+    accelerator.load_state(path)
+    return path
+
+
+# --- the run ------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> str:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from .hub import load_model_and_scheduler_config
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    device = accelerator.device
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # 1. model, frozen teacher, EMA, optimiser
+    model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
+    size = model.config.sample_size
+    args.sample_shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    if args.use_lora:
+        model.requires_grad_(False)
+        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+    teacher_module = make_teacher(model, args.use_lora).to(device)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    total_steps = args.rounds * args.phase2_steps
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max(1, total_steps) * accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    state = TrainState()
+    if ema is not None:
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(state)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("fewstep", config={k: str(v) for k, v in vars(args).items()})
+
+    student = SigmaDenoiser(model, base_config)
+    unwrapped = accelerator.unwrap_model(model)
+    tuned = SigmaDenoiser(unwrapped, base_config)  # for Phase 1 and evaluation, with the EMA weights
+    teacher = SigmaDenoiser(teacher_module, base_config)
+    labels = load_conditioning(args.conditioning_file, device)
+    data = None
+    if args.train_data_dir:
+        data = load_images(args.train_data_dir, args.sample_shape[1], args.sample_shape[0])
+
+    # 2. resume, and the fixed evaluation set (teacher references)
+    resume(accelerator, args)
+    if ema is not None:
+        ema.to(device)
+    ev = _eval_set(teacher, args, device) if accelerator.is_main_process and args.eval_samples > 0 else None
+
+    # 3. alternate the phases
+    phase2_seconds = 0.0
+    while True:
+        if state.phase == 1:
+            _phase1(accelerator, args, state, tuned, ema, ev, broadcast_object_list)
+            if state.round >= args.rounds:
+                break
+            state.phase, state.step_in_phase = 2, 0
+            save_checkpoint(accelerator, args, state.global_step)
+        t0 = time.time()
+        evaluate = lambda: _record(accelerator, state, "phase2", tuned, ev, args)  # noqa: E731
+        stopped = _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels,
+                          evaluate if accelerator.is_main_process else None)
+        phase2_seconds += time.time() - t0
+        if stopped:
+            accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
+            accelerator.end_training()
+            return args.output_dir
+        if accelerator.is_main_process and not (args.eval_steps and state.global_step % args.eval_steps == 0):
+            with ema_weights(ema, _trainable(unwrapped)):
+                evaluate()
+        state.round, state.phase = state.round + 1, 1
+
+    # 4. the output folder
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_output(args, state, unwrapped, ema, base_config)
+        if args.push_to_hub:
+            push_to_hub(args)
+    accelerator.end_training()
+    return args.output_dir
+
+
+def _trainable(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _eval_set(teacher: SigmaDenoiser, args, device) -> dict:
+    """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples and, with
+    `--fd_classifier`, the feature network and the reference statistics for FD."""
+    from .evaluation import extract_features, feature_statistics, fmnist_images, load_fmnist_classifier
+    from .evaluation import noise_bank, reference_samples
+
+    noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
+                       device=device)
+    ev = {"noise": noise, "reference": reference_samples(teacher, noise[: args.eval_samples], args.reference_steps,
+                                                         args.pool_batch_size)}
+    if args.fd_classifier:
+        ev["net"] = load_fmnist_classifier(args.fd_classifier, device)
+        ev["stats"] = feature_statistics(extract_features(ev["net"], fmnist_images(args.fd_data).to(device)))
+    return ev
+
+
+def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args) -> None:
+    """Endpoint RMSE (and FD) of the current model and tables, appended to `state.metrics`."""
+    from .evaluation import endpoint_rmse, extract_features, frechet_distance, generate
+
+    if ev is None:
+        return
+    row = {"round": state.round, "phase": phase, "global_step": state.global_step}
+    was_training = tuned.model.training
+    tuned.model.eval()
+    for n in args.nfe:
+        samples = generate(tuned, ev["noise"], state.tables[str(n)], args.solver, args.pool_batch_size)
+        row[f"rmse_nfe{n}"] = round(endpoint_rmse(samples[: args.eval_samples], ev["reference"]), 5)
+        if "net" in ev:
+            row[f"fd_nfe{n}"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
+    tuned.model.train(was_training)
+    state.metrics.append(row)
+    accelerator.log({k: v for k, v in row.items() if k.startswith(("rmse", "fd"))}, step=state.global_step)
+    logger.info("round %d %s: %s", state.round, phase, row)
+
+
+def _phase1(accelerator, args, state, tuned, ema, ev, broadcast_object_list) -> None:
+    """Phase 1 on the main process (with the EMA weights), tables broadcast to every process."""
+    tables = [None]
+    if accelerator.is_main_process:
+        with ema_weights(ema, _trainable(tuned.model)):
+            t0 = time.time()
+            tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or None)
+            logger.info("round %d phase 1: %.1f s, tables %s", state.round, time.time() - t0, tables[0])
+            state.tables = tables[0]
+            _record(accelerator, state, "phase1", tuned, ev, args)
+    if accelerator.num_processes > 1:
+        tables = broadcast_object_list(tables)
+    state.tables = tables[0]
+
+
+def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels,
+            evaluate=None) -> bool:
+    """Phase 2 of the current round from `state.step_in_phase`; True if `--stop_after_steps` stopped it."""
+    device, rank = accelerator.device, accelerator.process_index
+    tables = {n: torch.tensor(state.tables[str(n)], dtype=torch.float32, device=device) for n in args.nfe}
+    share = math.ceil(args.pool_size / accelerator.num_processes)
+    with accelerator.autocast():
+        pools = {n: build_pool(teacher, tables[n], share, args, _generator(args.seed, state.round, n, rank), device, labels)
+                 for n in args.nfe}
+    weights = args.denoising_weight if len(args.denoising_weight) > 1 else args.denoising_weight[0]
+    model.train()
+    while state.step_in_phase < args.phase2_steps:
+        for k in range(args.gradient_accumulation_steps):
+            micro = state.global_step * args.gradient_accumulation_steps + k
+            gen = _generator(args.seed, state.round, micro, rank, 1)
+            n = args.nfe[state.global_step % len(args.nfe)]
+            pool = pools[n]
+            pick = torch.randint(pool["states"].shape[1], (args.train_batch_size,), generator=gen).to(device)
+            states = pool["states"][:, pick]
+            cond = None if "cond" not in pool else {key: v[pick] for key, v in pool["cond"].items()}
+            x0 = states[-1] if data is None else data[torch.randint(len(data), (len(pick),), generator=gen)].to(device)
+            with accelerator.accumulate(model):
+                loss, logs = phase2_loss(student, states, tables[n], args.phase2_target, args.solver, x0=x0,
+                                         denoising_weights=weights, generator=gen, cond=cond)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+        if ema is not None:
+            ema.step(_trainable(accelerator.unwrap_model(model)))
+        state.global_step += 1
+        state.step_in_phase += 1
+        logs.update(loss=float(loss.detach()), lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
+        accelerator.log(logs, step=state.global_step)
+        if evaluate is not None and args.eval_steps and state.global_step % args.eval_steps == 0:
+            with ema_weights(ema, _trainable(accelerator.unwrap_model(model))):
+                evaluate()
+        if state.global_step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args, state.global_step)
+        if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
+            return True
+    return False
+
+
+# --- output -------------------------------------------------------------------------------------
+def save_output(args, state: TrainState, model, ema, base_config: dict) -> None:
+    """scheduler/, unet/ or unet_lora/, metrics.json, sigmas.png and README.md in `args.output_dir`."""
+    from .model_card import save_model_card
+    from .scheduler import LearnedScheduleScheduler
+
+    provenance = {"base_model": args.pretrained_model_name_or_path, "phase1_objective": args.phase1_objective,
+                  "phase2_target": args.phase2_target, "rounds": args.rounds, "phase2_steps": args.phase2_steps,
+                  "use_lora": args.use_lora, "metrics": state.metrics}
+    scheduler = LearnedScheduleScheduler.from_config(dict(base_config), sigma_tables=state.tables, solver=args.solver,
+                                                     provenance=provenance)
+    with ema_weights(ema, _trainable(model)):
+        if args.rounds > 0 and args.use_lora:
+            model.save_pretrained(os.path.join(args.output_dir, "unet_lora"))
+        elif args.rounds > 0:
+            _save_pipeline(model, scheduler, args)
+    scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump({"metrics": state.metrics, "tables": state.tables, "args": {k: v for k, v in vars(args).items()
+                                                                             if not k.startswith("hub_token")}}, f, indent=1)
+    save_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path, tables=state.tables,
+                    metrics=state.metrics, solver=args.solver, use_lora=args.use_lora, tuned=args.rounds > 0,
+                    hub_model_id=args.hub_model_id)
+
+
+def _save_pipeline(model, scheduler, args) -> None:
+    """The tuned model as `unet/` (or `transformer/`); a full pipeline folder when the base pipeline
+    has no other components (e.g. `DDPMPipeline`)."""
+    import diffusers
+
+    from .hub import load_json, resolve_folder
+
+    root = resolve_folder(args.pretrained_model_name_or_path)
+    index_file = os.path.join(root, "model_index.json")
+    index = load_json(index_file) if os.path.isfile(index_file) else {}
+    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    sub = "transformer" if "transformer" in components else "unet"
+    if components == {sub, "scheduler"} and hasattr(diffusers, index.get("_class_name", "")):
+        pipe = getattr(diffusers, index["_class_name"])(**{sub: model, "scheduler": scheduler})
+        pipe.save_pretrained(args.output_dir)
+    else:
+        model.save_pretrained(os.path.join(args.output_dir, sub))
+
+
+def push_to_hub(args) -> str:
+    """Create the Hub repo and upload the output folder (checkpoints and logs excluded)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
+                          private=args.hub_private_repo, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="learned few-step schedule",
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**"], token=args.hub_token)
+    return repo_id
+
+
+def run(args: argparse.Namespace) -> int:
+    """`diffusers-fewstep train` (single process; use `accelerate launch scripts/train_fewstep.py` for more)."""
+    main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    main(parse_args())
