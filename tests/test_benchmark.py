@@ -1,0 +1,123 @@
+"""A tiny end-to-end benchmark run on CPU: tiny UNet, tiny feature network, tiny image set."""
+import argparse
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_fewstep import benchmark
+from diffusers_fewstep.adapter import NoiseSchedule
+from diffusers_fewstep.schedules import baseline_sigmas
+
+DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+               "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": False}
+ARCH = '''import torch
+class Net(torch.nn.Module):
+    def features(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+def load_classifier(folder):
+    return Net()
+'''
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4).save_pretrained(model / "unet")
+    (model / "scheduler").mkdir()
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDPM_CONFIG))
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "classifier" / "arch.py").write_text(ARCH)
+    (tmp_path / "data").mkdir()
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28)).astype(np.uint8)
+    header = (2051).to_bytes(4, "big") + b"".join(int(v).to_bytes(4, "big") for v in images.shape)
+    with gzip.open(tmp_path / "data" / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    # a cached "learned" table (here just the trailing table) as the optimiser's cache would hold it
+    schedule = NoiseSchedule(DDPM_CONFIG)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "learned_unipc.json").write_text(json.dumps({
+        "solver": "unipc", "tables": {str(n): baseline_sigmas("ddim_trailing", n, schedule).tolist() for n in (3, 4)},
+        "seconds": {"3": 1.5, "4": 2.5}, "command": "test", "device": "cpu", "date": "today"}))
+    return tmp_path
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_tiny_end_to_end_benchmark(tiny_setup):
+    root = tiny_setup
+    args = parse(["--model", str(root / "model"), "--classifier", str(root / "classifier"), "--data", str(root / "data"),
+                  "--n", "24", "--nfes", "3", "4", "--device", "cpu", "--batch-size", "16", "--peer-samples", "4",
+                  "--rows", "ddim_trailing", "unipc_bh2", "gits_ipndm", "ays_dpmpp_2m", "sigma_ddim_trailing",
+                  "learned_unipc",
+                  "--tables-dir", str(root / "tables"), "--out-dir", str(root / "out"), "--docs-dir", str(root / "docs")])
+    assert benchmark.run(args) == 0
+    record = json.loads((root / "out" / "results.json").read_text())
+    rows = {r["name"]: r for r in record["rows"]}
+    assert set(rows) == {"ddim_trailing", "unipc_bh2", "gits_ipndm", "ays_dpmpp_2m", "sigma_ddim_trailing",
+                         "learned_unipc"}
+    for row in rows.values():
+        for nfe in ("3", "4"):
+            result = row["results"][nfe]
+            assert result["fd_fmnist"] >= -1e-6 and 0 <= result["rmse"] < 2, (row["name"], result)
+    # our σ-space DDIM on the trailing table reproduces diffusers' DDIM trailing (same noise, float32 on CPU)
+    for nfe in ("3", "4"):
+        assert rows["sigma_ddim_trailing"]["results"][nfe]["rmse"] == pytest.approx(
+            rows["ddim_trailing"]["results"][nfe]["rmse"], abs=1e-4)
+    # learning times: cached per NFE for ours, measured in-run for GITS/AYS
+    assert rows["learned_unipc"]["results"]["4"]["learn_seconds"] == 2.5
+    assert rows["gits_ipndm"]["results"]["3"]["learn_seconds"] > 0
+    assert [s["nfe"] for s in record["summary"]] == [3, 4]
+    assert record["reference"]["fd_fmnist"] >= -1e-6
+    page = (root / "docs" / "results.md").read_text()
+    assert "| ours: learned + UniPC bh2 |" in page and "GITS + iPNDM" in page and "figures/fd_vs_nfe.png" in page
+    for name in ("fd_vs_nfe.png", "sigma_tables.png", "samples_4_steps.png"):
+        assert (root / "docs" / "figures" / name).stat().st_size > 1000
+
+
+def test_summary_ratios():
+    rows = [benchmark.Row("unipc_bh2", "UniPC", "diffusers", results={4: {"fd_fmnist": 2.0, "rmse": 0.1}}),
+            benchmark.Row("gits_ipndm", "GITS", "optimiser", results={4: {"fd_fmnist": 4.0, "rmse": 0.1}}),
+            benchmark.Row("learned_unipc", "ours", "ours", "unipc", results={4: {"fd_fmnist": 1.0, "rmse": 0.1,
+                                                                                  "learn_seconds": 30.0}}),
+            benchmark.Row("sigma_ddim_trailing", "check", "check", "euler", results={4: {"fd_fmnist": 0.1, "rmse": 0.1}})]
+    (best,) = benchmark.summary(rows, [4], reference_fd=0.5)
+    assert best["ours"] == "learned_unipc" and best["peer"] == "unipc_bh2"  # check rows are neither ours nor peers
+    assert best["ratio"] == pytest.approx(0.5) and best["ours_over_reference"] == pytest.approx(2.0)
+    assert best["learn_seconds"] == 30.0
+
+
+def test_learn_only_caches_tables_with_their_cost(tiny_setup):
+    root = tiny_setup
+    args = parse(["--model", str(root / "model"), "--learn-only", "--solvers", "euler", "--nfes", "2", "3",
+                  "--device", "cpu", "--num-iters", "2", "--learn-batch-size", "4", "--learn-seed", "7",
+                  "--optimizer-kwargs", '{"pool_size": 4, "reference_steps": 8}', "--tables-dir", str(root / "new")])
+    assert benchmark.run(args) == 0
+    record = json.loads((root / "new" / "learned_euler.json").read_text())
+    assert sorted(record["tables"]) == ["2", "3"] and len(record["tables"]["3"]) == 4
+    assert record["tables"]["3"][-1] == 0.0 and all(a > b for a, b in zip(record["tables"]["3"], record["tables"]["3"][1:]))
+    assert record["seconds"]["2"] >= record["loop_seconds"]["2"] > 0
+    assert record["settings"]["seed"] == 7 and record["settings"]["pool_size"] == 4
+    (row,) = benchmark.load_learned_rows(str(root / "new"), [3])
+    assert row.name == "learned_euler" and list(row.tables) == [3] and row.learn_seconds[3] == record["seconds"]["3"]
