@@ -178,7 +178,7 @@ def test_bundle_with_tuned_unet(tmp_path, tiny, pipe):
     expected = quiet(FewStepUnconditionalPipeline(unet=tuned, scheduler=pipe.scheduler))(
         batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images
     untuned = pipe(batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images
-    np.testing.assert_allclose(images, expected, atol=1e-6)
+    np.testing.assert_allclose(images, expected, atol=1e-4)
     assert np.abs(images - untuned).max() > 0.01
 
 
@@ -213,7 +213,7 @@ def test_bundle_with_peft_lora(tmp_path, tiny, pipe, writer):
     expected = quiet(FewStepUnconditionalPipeline(unet=adapted, scheduler=pipe.scheduler))(
         batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images
     untuned = pipe(batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images
-    np.testing.assert_allclose(images, expected, atol=1e-6)
+    np.testing.assert_allclose(images, expected, atol=1e-4)
     assert np.abs(images - untuned).max() > 0.01
 
 
@@ -276,4 +276,4 @@ def test_custom_pipeline_file(tmp_path, tiny, pipe):
     quiet(loaded).load_fewstep(str(tmp_path / "bundle"))
     images = loaded(batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images
     expected = pipe(batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images
-    np.testing.assert_allclose(images, expected, atol=1e-6)
+    np.testing.assert_allclose(images, expected, atol=1e-4)
