@@ -41,7 +41,7 @@ def trajectory_loss(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, r
         `torch.Tensor`: scalar, the squared error averaged over samples and elements.
     """
     x_end = sample(denoiser, x, sigmas, solver, extra_args=extra_args)
-    return (x_end.float() - reference.float()).pow(2).mean()
+    return (x_end - reference.to(x_end.dtype)).pow(2).mean()
 
 
 def propagation_factors(sigmas: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
@@ -90,7 +90,7 @@ def local_errors(denoiser: Callable, x0: torch.Tensor, noise: torch.Tensor, sigm
         `(L, D)`: lists of the N local errors and of the N denoised values D(u_i), each shaped like x0.
     """
     n = len(sigmas) - 1
-    if float(sigmas[-1]) <= 0:
+    if float(sigmas[-1].detach()) <= 0:
         raise ValueError("the bound needs a positive final σ (the model's σ_min), got a table ending in 0")
     if offsets is None:
         offsets = torch.rand(n, strata, x0.shape[0], generator=generator, dtype=torch.float64)

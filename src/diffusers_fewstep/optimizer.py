@@ -35,14 +35,16 @@ OBJECTIVES = ("trajectory", "bound_propagated", "bound")
 METHODS = ("adam", "fixed_point")
 DEFAULT_LR = {"trajectory": 0.05, "bound_propagated": 0.05, "bound": 0.05}
 REFERENCE_SOLVER = "dpmpp_2m"  # the 200-step reference of BENCHMARK.md
-MAX_STEP_RATIO = 20.0  # fixed point: largest change of one u-step relative to its neighbour per iteration
+MAX_STEP_RATIO = 20.0
+MIN_INCREMENT = 1e-4  # smallest share of the log-σ span one increment can take (divided by N)  # fixed point: largest change of one u-step relative to its neighbour per iteration
 
 
 # --- the monotone parameterisation ------------------------------------------------------------
 class MonotoneSigmas(nn.Module):
     """A σ table as a softmax over log-σ increments between fixed endpoints.
 
-    ``log σ_i = log σ_max − span·Σ_{k<i} softmax(logits)_k`` with ``span = log σ_max − log σ_min``.
+    ``log σ_i = log σ_max − span·Σ_{k<i} p_k`` with ``span = log σ_max − log σ_min`` and
+    ``p = floor + (1 − N·floor)·softmax(logits)`` (floor = 10⁻⁴/N keeps steps apart in floating point).
     With `final_zero=True` (sampling tables) the N positive σ's are σ_0 … σ_{N−1}, the last logit
     is the slack between σ_{N−1} and σ_min, and σ_N = 0. With `final_zero=False` (the bound) the
     N increments end exactly at σ_N = σ_min. Every value of `logits` gives a strictly decreasing
@@ -63,8 +65,11 @@ class MonotoneSigmas(nn.Module):
         logs = positive.clamp(sigma_min, sigma_max).log()
         logs = torch.cat([logs.new_tensor([math.log(sigma_max)]), logs[1:], logs.new_tensor([math.log(sigma_min)])])
         self.span = math.log(sigma_max) - math.log(sigma_min)
-        increments = (logs[:-1] - logs[1:]).clamp(min=1e-3 * self.span / len(logs))
-        self.logits = nn.Parameter(increments.log())
+        n = len(logs) - 1
+        self.floor = MIN_INCREMENT / n  # every increment ≥ floor·span: strictly decreasing in floating point
+        fractions = ((logs[:-1] - logs[1:]) / self.span).clamp(min=10 * self.floor)
+        fractions = fractions / fractions.sum()
+        self.logits = nn.Parameter(((fractions - self.floor) / (1 - n * self.floor)).log())
 
     @property
     def nfe(self) -> int:
@@ -72,7 +77,8 @@ class MonotoneSigmas(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The table (float64), differentiable w.r.t. `logits`."""
-        steps = self.span * self.logits.softmax(0)
+        n = len(self.logits)
+        steps = self.span * (self.floor + (1 - n * self.floor) * self.logits.softmax(0))
         logs = math.log(self.sigma_max) - torch.cat([steps.new_zeros(1), steps.cumsum(0)])
         sigmas = logs.exp()
         if self.final_zero:
