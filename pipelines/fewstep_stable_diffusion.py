@@ -2,7 +2,8 @@
 
 Load with::
 
-    pipe = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", custom_pipeline="pipelines/fewstep_stable_diffusion.py", trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                             custom_pipeline="pipelines/fewstep_stable_diffusion.py", trust_remote_code=True)
     pipe.load_fewstep("path/or/hub-id-of-a-bundle")
 
 Needs `pip install diffusers-fewstep`; the implementation is `diffusers_fewstep.pipelines.stable_diffusion`.

@@ -43,3 +43,11 @@ class FewStepPipelineMixin:
                                  "`sigmas=`, or load a bundle with learned tables")
             num_inference_steps = max(self.scheduler.available_nfes)
         return num_inference_steps
+
+    def call_with_learned_table(self, parent_call, prompt, num_inference_steps: Optional[int], kwargs: dict):
+        """Run a stock text-to-image `__call__` (`parent_call`) with the step count resolved by
+        :meth:`fewstep_num_inference_steps`; every other argument passes through unchanged."""
+        steps = self.fewstep_num_inference_steps(num_inference_steps, kwargs.get("timesteps"), kwargs.get("sigmas"))
+        if steps is not None:
+            kwargs["num_inference_steps"] = steps
+        return parent_call(prompt, **kwargs)

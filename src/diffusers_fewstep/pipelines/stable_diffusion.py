@@ -32,7 +32,4 @@ class FewStepStableDiffusionPipeline(FewStepPipelineMixin, StableDiffusionPipeli
         Returns:
             [`StableDiffusionPipelineOutput`] or `tuple`.
         """
-        steps = self.fewstep_num_inference_steps(num_inference_steps, kwargs.get("timesteps"), kwargs.get("sigmas"))
-        if steps is not None:
-            kwargs["num_inference_steps"] = steps
-        return super().__call__(prompt, **kwargs)
+        return self.call_with_learned_table(super().__call__, prompt, num_inference_steps, kwargs)

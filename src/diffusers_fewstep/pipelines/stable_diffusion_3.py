@@ -26,13 +26,10 @@ class FewStepSD3Pipeline(FewStepPipelineMixin, StableDiffusion3Pipeline):
             prompt (`str` or `list[str]`, *optional*): the prompt(s).
             num_inference_steps (`int`, *optional*): model evaluations; picks the learned table for that count
                 (defaults to the largest count the scheduler has a table for).
-            kwargs: `prompt_2`, `prompt_3`, `negative_prompt`, `guidance_scale`, `generator`, `latents`, `output_type`, `sigmas`,
-                `callback_on_step_end`, … as in `StableDiffusion3Pipeline.__call__`.
+            kwargs: `prompt_2`, `prompt_3`, `negative_prompt`, `guidance_scale`, `generator`, `latents`,
+                `output_type`, `sigmas`, `callback_on_step_end`, … as in `StableDiffusion3Pipeline.__call__`.
 
         Returns:
             [`StableDiffusion3PipelineOutput`] or `tuple`.
         """
-        steps = self.fewstep_num_inference_steps(num_inference_steps, kwargs.get("timesteps"), kwargs.get("sigmas"))
-        if steps is not None:
-            kwargs["num_inference_steps"] = steps
-        return super().__call__(prompt, **kwargs)
+        return self.call_with_learned_table(super().__call__, prompt, num_inference_steps, kwargs)
