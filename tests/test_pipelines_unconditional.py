@@ -180,6 +180,11 @@ def test_bundle_with_tuned_unet(tmp_path, tiny, pipe):
     untuned = pipe(batch_size=2, num_inference_steps=4, generator=seeded(), output_type="np").images
     np.testing.assert_allclose(images, expected, atol=1e-4)
     assert np.abs(images - untuned).max() > 0.01
+    # tuned weights and an adapter together are ambiguous
+    os.makedirs(tmp_path / "lora")
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="at most one of tuned weights"):
+        load_bundle(str(tmp_path))
 
 
 def adapted_unet(unet, writer=None):
