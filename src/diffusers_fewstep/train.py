@@ -255,6 +255,7 @@ def main(args: argparse.Namespace) -> str:
 
     from .hub import load_model_and_scheduler_config
 
+    args.start_time = time.time()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -309,7 +310,6 @@ def main(args: argparse.Namespace) -> str:
     ev = _eval_set(teacher, args, device) if accelerator.is_main_process and args.eval_samples > 0 else None
 
     # 3. alternate the phases
-    phase2_seconds = 0.0
     while True:
         if state.phase == 1:
             _phase1(accelerator, args, state, tuned, ema, ev, broadcast_object_list)
@@ -317,11 +317,9 @@ def main(args: argparse.Namespace) -> str:
                 break
             state.phase, state.step_in_phase = 2, 0
             save_checkpoint(accelerator, args, state.global_step)
-        t0 = time.time()
         evaluate = lambda: _record(accelerator, state, "phase2", tuned, ev, args)  # noqa: E731
         stopped = _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels,
                           evaluate if accelerator.is_main_process else None)
-        phase2_seconds += time.time() - t0
         if stopped:
             accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
             accelerator.end_training()
@@ -367,7 +365,8 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
 
     if ev is None:
         return
-    row = {"round": state.round, "phase": phase, "global_step": state.global_step}
+    row = {"round": state.round, "phase": phase, "global_step": state.global_step,
+           "elapsed_s": round(time.time() - args.start_time, 1)}
     was_training = tuned.model.training
     tuned.model.eval()
     for n in args.nfe:
