@@ -36,6 +36,9 @@ METHODS = ("adam", "fixed_point")
 DEFAULT_LR = {"trajectory": 0.05, "bound_propagated": 0.05, "bound": 0.05}
 REFERENCE_SOLVER = "dpmpp_2m"  # the 200-step reference of BENCHMARK.md
 MAX_STEP_RATIO = 20.0
+# CLI defaults by device: the reference solves dominate the cost, and a CPU is ~100× slower
+GPU_DEFAULTS = {"batch_size": 128, "reference_steps": 200, "pool_size": None}
+CPU_DEFAULTS = {"batch_size": 8, "reference_steps": 50, "pool_size": 32}
 MIN_INCREMENT = 1e-4  # smallest share of the log-σ span one increment can take (divided by N)  # fixed point: largest change of one u-step relative to its neighbour per iteration
 
 
@@ -543,10 +546,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, help="writes scheduler/, schedule.png, optimize_log.json")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--max-iters", type=int, default=150, help="iterations per table (upper limit)")
-    parser.add_argument("--batch-size", type=int, default=128, help="paths per iteration")
-    parser.add_argument("--pool-size", type=int, default=None, help="training paths shared by all NFEs")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"paths per iteration (default: {GPU_DEFAULTS['batch_size']} on cuda, "
+                             f"{CPU_DEFAULTS['batch_size']} on cpu)")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help="training paths shared by all NFEs (default: min(8·batch, 1024) on cuda, 32 on cpu)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate on the logits")
-    parser.add_argument("--reference-steps", type=int, default=200, help="steps of the DPM-Solver++(2M) reference")
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help=f"steps of the DPM-Solver++(2M) reference (default: {GPU_DEFAULTS['reference_steps']} "
+                             f"on cuda, {CPU_DEFAULTS['reference_steps']} on cpu)")
     parser.add_argument("--init", default="ddim_trailing", help="baseline table to start from")
     parser.add_argument("--data", default=None, help="clean data for the bound: IDX file, .pt tensor or image folder")
     parser.add_argument("--patience", type=int, default=30, help="early stopping patience (iterations)")
@@ -563,16 +571,19 @@ def run(args: argparse.Namespace) -> int:
     from .hub import load_model_and_scheduler_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    batch_size = args.batch_size or defaults["batch_size"]
+    reference_steps = args.reference_steps or defaults["reference_steps"]
     model, config = load_model_and_scheduler_config(args.model)
     denoiser = SigmaDenoiser(model.to(device).eval(), config)
     sample_shape = _infer_sample_shape(denoiser)
     data = load_data(args.data, sample_shape) if args.data else None
     result = optimize_schedule(
         denoiser, nfes=args.nfe, solver=args.solver, objective=args.objective, method=args.method,
-        num_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr, data=data, init=args.init,
-        reference_steps=args.reference_steps, seed=args.seed, device=device, progress=not args.quiet,
+        num_iters=args.max_iters, batch_size=batch_size, lr=args.lr, data=data, init=args.init,
+        reference_steps=reference_steps, seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, pool_size=args.pool_size)
+        gradient_checkpointing=args.gradient_checkpointing, pool_size=args.pool_size or defaults["pool_size"])
     result.save(args.output_dir, config, base_model=args.model)
     for nfe, table in result.tables.items():
         print(f"NFE {nfe}: {[round(s, 4) for s in table]}  ({result.seconds[nfe]:.1f} s, objective "
