@@ -91,7 +91,7 @@ def test_bound_is_differentiable_and_needs_a_positive_end(gm):
     for weighting in ("literal", "propagated"):
         value = objectives.bound(gm, x0, noise, sigmas, weighting, generator=torch.Generator().manual_seed(0))
         (grad,) = torch.autograd.grad(value, sigmas)
-        assert float(value) > 0 and torch.isfinite(grad).all() and float(grad[1:-1].abs().sum()) > 0
+        assert float(value.detach()) > 0 and torch.isfinite(grad).all() and float(grad[1:-1].abs().sum()) > 0
     with pytest.raises(ValueError, match="positive final σ"):
         objectives.bound(gm, x0, noise, torch.tensor([80.0, 1.0, 0.0]))
 
