@@ -16,6 +16,7 @@ Every NFE of a run shares one pool of initial noises, their many-step reference 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -219,6 +220,20 @@ def _initial_table(init, nfe: int, schedule) -> List[float]:
     return table
 
 
+@contextlib.contextmanager
+def _frozen(denoiser):
+    """Switch off the model's `requires_grad` for the run and restore the flags afterwards."""
+    params = list(denoiser.parameters()) if isinstance(denoiser, nn.Module) else []
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def _resolve_precision(mixed_precision, device) -> Optional[torch.dtype]:
     if mixed_precision is None:
         mixed_precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
@@ -398,8 +413,6 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
     model_fn = _CountingDenoiser(denoiser, _resolve_precision(mixed_precision, device), device.type,
                                  gradient_checkpointing)
     full_fn = _CountingDenoiser(denoiser)
-    if isinstance(denoiser, nn.Module):
-        denoiser.requires_grad_(False)
     settings = {"nfes": nfes, "solver": solver, "objective": objective, "method": method, "num_iters": num_iters,
                 "batch_size": batch_size, "lr": lr, "init": init if isinstance(init, str) else "custom",
                 "reference_steps": reference_steps, "reference_solver": REFERENCE_SOLVER, "seed": seed,
@@ -409,39 +422,40 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 "sigma_data": sigma_data, "strata": strata, "damping": damping, "tol": tol,
                 "sample_shape": list(sample_shape), "device": str(device), "noise_schedule": schedule.describe()}
 
-    # 2. the shared pool: noises, references (trajectory, or data-free x0), x0
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    pool = _Pool(pool_size, sample_shape, schedule.sigma_max, schedule, device, generator)
-    if objective == "trajectory" or data is None:
-        ref_table = time_uniform_sigmas(reference_steps, schedule, "trailing").to(device=device, dtype=torch.float32)
-        pool.reference = _reference_solves(full_fn, pool, ref_table, batch_size, cond, uncond, progress)
-    if objective != "trajectory":
-        if data is None:
-            pool.x0 = pool.reference
-        else:
-            pick = torch.randint(0, data.shape[0], (pool_size,), generator=generator)
-            pool.x0 = data[pick].to(device=device, dtype=torch.float32)
-    shared = {"seconds": time.perf_counter() - start, "num_evals": full_fn.calls}
+    with _frozen(denoiser):  # gradients flow to the table only; the model's flags are restored after
+        # 2. the shared pool: noises, references (trajectory, or data-free x0), x0
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        pool = _Pool(pool_size, sample_shape, schedule.sigma_max, schedule, device, generator)
+        if objective == "trajectory" or data is None:
+            ref_table = time_uniform_sigmas(reference_steps, schedule, "trailing").to(device=device, dtype=torch.float32)
+            pool.reference = _reference_solves(full_fn, pool, ref_table, batch_size, cond, uncond, progress)
+        if objective != "trajectory":
+            if data is None:
+                pool.x0 = pool.reference
+            else:
+                pick = torch.randint(0, data.shape[0], (pool_size,), generator=generator)
+                pool.x0 = data[pick].to(device=device, dtype=torch.float32)
+        shared = {"seconds": time.perf_counter() - start, "num_evals": full_fn.calls}
 
-    # 3. one table per NFE
-    tables, history, seconds, num_evals = {}, {}, {}, {}
-    for nfe in nfes:
-        start, calls_before = time.perf_counter(), model_fn.calls
-        init_table = _initial_table(init, nfe, schedule)
-        desc = f"NFE {nfe} · {objective} · {method}"
-        if method == "adam":
-            table, history[nfe] = _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting,
-                                               schedule, num_iters, batch_size, lr, patience, sigma_data, strata,
-                                               cond, uncond, generator, progress, desc)
-        else:
-            table, history[nfe] = _learn_fixed_point(model_fn, pool, init_table, schedule, num_iters, batch_size,
-                                                      weighting, sigma_data, strata, damping, tol, cond, uncond,
-                                                      generator, progress, desc)
-        tables[nfe] = validate_sigmas(table, schedule.sigma_min, schedule.sigma_max, name=f"learned {nfe}-step table")
-        seconds[nfe] = time.perf_counter() - start
-        num_evals[nfe] = model_fn.calls - calls_before
-    return ScheduleResult(tables, history, seconds, num_evals, settings, shared)
+        # 3. one table per NFE
+        tables, history, seconds, num_evals = {}, {}, {}, {}
+        for nfe in nfes:
+            start, calls_before = time.perf_counter(), model_fn.calls
+            init_table = _initial_table(init, nfe, schedule)
+            desc = f"NFE {nfe} · {objective} · {method}"
+            if method == "adam":
+                table, history[nfe] = _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting,
+                                                   schedule, num_iters, batch_size, lr, patience, sigma_data, strata,
+                                                   cond, uncond, generator, progress, desc)
+            else:
+                table, history[nfe] = _learn_fixed_point(model_fn, pool, init_table, schedule, num_iters, batch_size,
+                                                          weighting, sigma_data, strata, damping, tol, cond, uncond,
+                                                          generator, progress, desc)
+            tables[nfe] = validate_sigmas(table, schedule.sigma_min, schedule.sigma_max, name=f"learned {nfe}-step table")
+            seconds[nfe] = time.perf_counter() - start
+            num_evals[nfe] = model_fn.calls - calls_before
+        return ScheduleResult(tables, history, seconds, num_evals, settings, shared)
 
 
 def _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting, schedule, num_iters, batch_size, lr,
