@@ -185,3 +185,11 @@ def test_save_round_trip(gm, tmp_path):
     assert os.path.getsize(tmp_path / "schedule.png") > 1000
     log = json.loads((tmp_path / "optimize_log.json").read_text())
     assert log["tables"]["3"] == pytest.approx(result.tables[3]) and len(log["history"]["5"]) == 3
+
+
+def test_gradient_checkpointing_gives_the_same_tables(gm):
+    kwargs = dict(num_iters=4, batch_size=16, pool_size=16, reference_steps=10)
+    plain = _learn(gm, [4], **kwargs)
+    checkpointed = _learn(gm, [4], gradient_checkpointing=True, **kwargs)
+    assert checkpointed.tables[4] == pytest.approx(plain.tables[4], rel=1e-6)
+    assert checkpointed.num_evals == plain.num_evals
