@@ -17,6 +17,9 @@ def _axes_plot(ax, tables: Mapping[str, Sequence[float]], title: Optional[str] =
                 linewidth=2.2 if learned else 1.0, linestyle="-" if learned else "--", label=label,
                 zorder=3 if learned else 2)
     ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step i (model evaluation)")
     ax.set_ylabel("σ_i")
     ax.grid(True, which="both", alpha=0.3)
