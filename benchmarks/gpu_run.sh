@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# The benchmark on one GPU: (1) learn our tables, one process per solver sharing the GPU, cached in
-# benchmarks/tables/; (2) measure every row on 5,000 samples and write benchmarks/results/ and docs/results.md.
-#   bash benchmarks/gpu_run.sh            # LEARN=0 skips (1); LEARN_ARGS adds optimiser options
+# The benchmark on one GPU in one go (< 10 minutes on an H100):
+#  1. learners (one process per solver and NFE group, sharing the GPU) cache our tables in benchmarks/tables/;
+#  2. meanwhile the measurement runs every peer row on 5,000 samples, then waits for the learners and
+#     measures our rows; it writes benchmarks/results/ and docs/results.md with docs/figures/.
+#   bash benchmarks/gpu_run.sh      # LEARN=0: measure cached tables only; LEARN_ARGS / BENCH_ARGS add options
 # Needs .stage/fmnist-classifier and .stage/fashion-mnist (bash tools/gpu_stage.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p benchmarks/tables benchmarks/results
 solvers=${SOLVERS:-"euler dpmpp_2m unipc ipndm"}
+groups=${NFE_GROUPS:-"3,4 5,6 8,10"}
+n_learners=$(( $(echo $solvers | wc -w) * $(echo $groups | wc -w) ))
 if [ "${LEARN:-1}" = 1 ]; then
+  rm -f benchmarks/tables/learned_*.json
   for s in $solvers; do
-    timeout "${LEARN_TIMEOUT:-420}" python benchmarks/run_benchmark.py --learn-only --solvers "$s" \
-      --nfes 3 4 5 6 8 10 --tables-dir benchmarks/tables \
-      --learn-note "learned while $(echo $solvers | wc -w) solver processes shared the GPU" ${LEARN_ARGS:-} \
-      > "benchmarks/tables/learn_$s.log" 2>&1 &
+    for g in $groups; do
+      tag="-nfe${g/,/-}"
+      lock="benchmarks/tables/learned_${s}${tag}.lock"
+      touch "$lock"
+      ( OMP_NUM_THREADS=1 timeout "${LEARN_TIMEOUT:-400}" python benchmarks/run_benchmark.py --learn-only \
+          --solvers "$s" --nfes ${g/,/ } --tables-tag "$tag" --tables-dir benchmarks/tables \
+          --learn-note "learned while $n_learners learner processes and the measurement shared the GPU" \
+          ${LEARN_ARGS:-} > "benchmarks/tables/learn_${s}${tag}.log" 2>&1; rm -f "$lock" ) &
+    done
   done
-  wait
-  tail -n 8 benchmarks/tables/learn_*.log
 fi
-python benchmarks/run_benchmark.py --n "${N:-5000}" --classifier .stage/fmnist-classifier \
-  --data .stage/fashion-mnist --tables-dir benchmarks/tables --out-dir benchmarks/results --docs-dir docs ${BENCH_ARGS:-}
+OMP_NUM_THREADS=2 python benchmarks/run_benchmark.py --n "${N:-5000}" --classifier .stage/fmnist-classifier \
+  --data .stage/fashion-mnist --tables-dir benchmarks/tables --out-dir benchmarks/results --docs-dir docs \
+  --wait-for-tables "${WAIT:-450}" ${BENCH_ARGS:-}
+status=$?
+wait
+tail -n 3 benchmarks/tables/learn_*.log 2>/dev/null
+exit $status

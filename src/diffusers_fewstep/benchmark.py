@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ class Row:
     learn_seconds: Dict[int, float] = field(default_factory=dict)
     results: Dict[int, dict] = field(default_factory=dict)
     note: str = ""
+    commands: List[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "label": self.label, "group": self.group, "solver": self.solver, "note": self.note,
@@ -87,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learn-seed", type=int, default=0, help="seed of the training noise (≠ evaluation seed 1234)")
     parser.add_argument("--optimizer-kwargs", default="{}", help="extra optimize_schedule keyword arguments (JSON)")
     parser.add_argument("--learn-note", default="", help="free text stored with the learned tables (e.g. GPU sharing)")
+    parser.add_argument("--tables-tag", default="", help="suffix of the cache file (learned_<solver><tag>.json)")
+    parser.add_argument("--wait-for-tables", type=float, default=0.0,
+                        help="seconds to wait, after measuring the peers, for learners holding *.lock in --tables-dir")
     # Phase 2
     parser.add_argument("--tuned-model", default=None,
                         help="Phase-2 tuned model folder; its scheduler/ config must hold sigma_tables and solver "
@@ -98,51 +103,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def learn_tables(denoiser, args, command: str) -> None:
     """Learn our tables for every solver in `args.solvers` and cache them in `args.tables_dir`.
 
-    One `optimize_schedule` call per (solver, NFE), so each table's time is what learning it alone
-    costs (its reference solves included) and the cache is written after every table.
+    One `optimize_schedule` call per solver for all NFEs. A table's time is what learning it alone
+    costs: its own optimisation loop plus the reference solves of the training noise (shared by the NFEs).
     """
     from .optimizer import optimize_schedule
 
     os.makedirs(args.tables_dir, exist_ok=True)
     extra = json.loads(args.optimizer_kwargs)
     for solver in args.solvers:
-        path = os.path.join(args.tables_dir, f"learned_{solver}.json")
-        record = {"solver": solver, "tables": {}, "seconds": {}, "loop_seconds": {}, "num_evals": {},
-                  "settings": {"num_iters": args.num_iters, "batch_size": args.learn_batch_size, "init": args.init,
-                               "seed": args.learn_seed, "objective": "trajectory", **extra},
-                  "command": command, "device": device_name(args.device), "date": now(), "note": args.learn_note}
-        for nfe in args.nfes:
-            start = time.perf_counter()
-            result = optimize_schedule(denoiser, nfes=[nfe], solver=solver, objective="trajectory",
-                                       num_iters=args.num_iters, batch_size=args.learn_batch_size, init=args.init,
-                                       seed=args.learn_seed, device=args.device, progress=False, **extra)
-            if torch.device(args.device).type == "cuda":
-                torch.cuda.synchronize()
-            record["tables"][str(nfe)] = [float(s) for s in result.tables[nfe]]
-            record["seconds"][str(nfe)] = time.perf_counter() - start  # reference solves + optimisation
-            record["loop_seconds"][str(nfe)] = float(result.seconds[nfe])
-            record["num_evals"][str(nfe)] = int(result.num_evals[nfe]) + int(result.shared.get("num_evals", 0))
-            with open(path, "w") as f:
-                json.dump(record, f, indent=1)
-            print(f"learned {solver} NFE {nfe} in {record['seconds'][str(nfe)]:.1f}s "
-                  f"(loop {result.seconds[nfe]:.1f}s): {[round(s, 4) for s in result.tables[nfe]]}", flush=True)
+        path = os.path.join(args.tables_dir, f"learned_{solver}{args.tables_tag}.json")
+        start = time.perf_counter()
+        result = optimize_schedule(denoiser, nfes=list(args.nfes), solver=solver, objective="trajectory",
+                                   num_iters=args.num_iters, batch_size=args.learn_batch_size, init=args.init,
+                                   seed=args.learn_seed, device=args.device, progress=False, **extra)
+        shared = float(result.shared.get("seconds", 0.0))
+        record = {"solver": solver, "tables": {str(k): [float(s) for s in v] for k, v in result.tables.items()},
+                  "seconds": {str(k): float(v) + shared for k, v in result.seconds.items()},
+                  "loop_seconds": {str(k): float(v) for k, v in result.seconds.items()},
+                  "shared_seconds": shared, "total_seconds": time.perf_counter() - start,
+                  "num_evals": {str(k): int(v) for k, v in result.num_evals.items()},
+                  "shared_num_evals": int(result.shared.get("num_evals", 0)),
+                  "settings": result.settings, "command": command, "device": device_name(args.device), "date": now(),
+                  "note": args.learn_note}
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        for nfe, table in result.tables.items():
+            print(f"learned {solver} NFE {nfe}: loop {result.seconds[nfe]:.1f}s + shared {shared:.1f}s: "
+                  f"{[round(s, 4) for s in table]}", flush=True)
 
 
 def load_learned_rows(tables_dir: str, nfes) -> List[Row]:
-    """Our rows from the cached `learned_<solver>.json` files (missing NFEs are left out)."""
+    """Our rows from the cached `learned_<solver>*.json` files (several files per solver are merged;
+    NFEs outside `nfes` are left out)."""
     rows = []
     for solver in OUR_SOLVERS:
-        path = os.path.join(tables_dir, f"learned_{solver}.json")
-        if not os.path.isfile(path):
+        paths = sorted(glob.glob(os.path.join(tables_dir, f"learned_{solver}*.json")))
+        if not paths:
             continue
-        with open(path) as f:
-            record = json.load(f)
-        tables = {int(k): v for k, v in record["tables"].items() if int(k) in nfes}
-        rows.append(Row(f"learned_{solver}", f"ours: learned + {SOLVER_LABELS[solver]}", "ours", solver, tables,
-                        {int(k): v for k, v in record.get("seconds", {}).items() if int(k) in nfes},
-                        note=f"`{path}` ({record.get('device', '?')}, {record.get('date', '?')}"
-                             + (f"; {record['note']}" if record.get("note") else "") + ")"))
+        row = Row(f"learned_{solver}", f"ours: learned + {SOLVER_LABELS[solver]}", "ours", solver)
+        notes = []
+        for path in paths:
+            with open(path) as f:
+                record = json.load(f)
+            row.tables.update({int(k): v for k, v in record["tables"].items() if int(k) in nfes})
+            row.learn_seconds.update({int(k): v for k, v in record.get("seconds", {}).items() if int(k) in nfes})
+            row.commands.append(record.get("command"))
+            notes.append(f"`{path}` ({record.get('device', '?')}, {record.get('date', '?')}"
+                         + (f"; {record['note']}" if record.get("note") else "") + ")")
+        row.note = "; ".join(notes)
+        rows.append(row)
     return rows
+
+
+def wait_for_learners(tables_dir: str, timeout: float) -> None:
+    """Wait (up to `timeout` s) while learners running beside us hold `*.lock` files in `tables_dir`."""
+    deadline = time.time() + timeout
+    while glob.glob(os.path.join(tables_dir, "*.lock")) and time.time() < deadline:
+        time.sleep(2)
+    left = glob.glob(os.path.join(tables_dir, "*.lock"))
+    if left:
+        print(f"warning: learners still running after {timeout:.0f}s: {left}; measuring the tables cached so far",
+              flush=True)
 
 
 def load_tuned(args, nfes):
@@ -238,7 +259,6 @@ def build_rows(harness: Harness, args) -> List[Row]:
         schedule = harness.denoiser.schedule
         rows.append(Row("sigma_ddim_trailing", "check: our σ-space DDIM on the trailing table", "check", "euler",
                         {n: baseline_sigmas("ddim_trailing", n, schedule).tolist() for n in nfes}))
-    rows += [r for r in load_learned_rows(args.tables_dir, nfes) if wanted(r.name)]
     return rows
 
 
@@ -452,6 +472,12 @@ def run(args: argparse.Namespace) -> int:
     rows = build_rows(harness, args)
     for row in rows:
         harness.run_row(row, args.nfes)
+    # our rows last, so that learners sharing the GPU (--wait-for-tables) can finish meanwhile
+    wait_for_learners(args.tables_dir, args.wait_for_tables)
+    ours = [r for r in load_learned_rows(args.tables_dir, list(args.nfes)) if not args.rows or r.name in args.rows]
+    for row in ours:
+        harness.run_row(row, args.nfes)
+    rows += ours
     tuned_denoiser, tuned_row = load_tuned(args, list(args.nfes))
     if tuned_row is not None:
         harness.run_row(tuned_row, args.nfes, tuned_denoiser)
@@ -460,13 +486,8 @@ def run(args: argparse.Namespace) -> int:
               "n": args.n, "nfes": list(args.nfes), "reference": harness.reference_metrics,
               "inception_note": None if "fid_inception" in harness.feature_nets else
               "skipped (weights not available locally; pass --inception where they are)",
-              "learn_commands": [], "seconds": time.perf_counter() - start,
+              "learn_commands": [c for r in ours for c in r.commands], "seconds": time.perf_counter() - start,
               "rows": [r.to_dict() for r in rows]}
-    for r in rows:
-        if r.group == "ours":
-            path = os.path.join(args.tables_dir, f"learned_{r.solver}.json")
-            with open(path) as f:
-                record["learn_commands"].append(json.load(f).get("command"))
     record["summary"] = summary(rows, list(args.nfes), harness.reference_metrics["fd_fmnist"])
     write_outputs(record, rows, harness, args)
     return 0

@@ -128,9 +128,13 @@ def teacher_trajectories(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, so
     return torch.cat(states, 1), torch.cat(denoised, 1)
 
 
-def gits_cost_matrix(states: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def gits_cost_matrix(states: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor,
+                     scale=None) -> torch.Tensor:
     """GITS jump costs: cost[i, j] = mean over samples of the RMS distance between the teacher state at
-    σ_j and one first-order step from the teacher state at σ_i to σ_j (no extra model calls)."""
+    σ_j and one first-order step from the teacher state at σ_i to σ_j (no extra model calls).
+
+    `scale` (a function of σ) multiplies the distance at σ_j; GITS measures it in σ-space (`None`).
+    """
     m = len(sigmas)
     sigmas = sigmas.to(states.device, torch.float32)
     cost = torch.full((m, m), float("inf"), dtype=torch.float64)
@@ -138,6 +142,8 @@ def gits_cost_matrix(states: torch.Tensor, denoised: torch.Tensor, sigmas: torch
         targets = sigmas[i + 1:].reshape(-1, *([1] * (states.ndim - 1)))
         jumped = first_order_step(states[i][None], sigmas[i], targets, denoised[i][None])
         err = (jumped - states[i + 1:]).pow(2).flatten(2).mean(2).sqrt().mean(1)
+        if scale is not None:
+            err = err * scale(sigmas[i + 1:])
         cost[i, i + 1:] = err.double().cpu()
     return cost
 
@@ -160,16 +166,25 @@ def ays_cost_matrix(denoised: torch.Tensor, sigmas: torch.Tensor) -> torch.Tenso
 
 
 def gits_sigmas(denoiser, nfes: Iterable[int], num_samples: int = 256, grid_steps: int = 100, seed: int = 0,
-                device="cpu", batch_size: int = 2500) -> Dict[int, List[float]]:
+                device="cpu", batch_size: int = 2500, native_scale_costs: bool = False) -> Dict[int, List[float]]:
     """GITS tables (our re-implementation): teacher DPM-Solver++(2M) trajectories on a `grid_steps`
     time-uniform grid (plus σ = 0) from `num_samples` noises (seed `seed`, independent of evaluation),
-    first-order jump costs, and the least-cost path with `nfe` steps for every NFE."""
+    first-order jump costs, and the least-cost path with `nfe` steps for every NFE.
+
+    `native_scale_costs=True` is our variant, not the paper's: distances measured in the model's native
+    scale (σ-space distance at σ_j times a(σ_j)), so that large-σ states do not dominate the cost.
+    """
     sigmas = time_uniform_sigmas(grid_steps, denoiser.schedule, "trailing").float().to(device)
     noise = noise_bank(num_samples, _sample_shape(denoiser), seed=seed, device=device)
     states, denoised = teacher_trajectories(denoiser, noise, sigmas, batch_size=batch_size)
-    cost = gits_cost_matrix(states, denoised, sigmas)
+    cost = gits_cost_matrix(states, denoised, sigmas, denoiser.schedule.native_scale if native_scale_costs else None)
     grid = sigmas.double().cpu()
     return {nfe: grid[dp_optimal_path(cost, nfe)].tolist() for nfe in nfes}
+
+
+def gits_native_sigmas(denoiser, nfes: Iterable[int], **kwargs) -> Dict[int, List[float]]:
+    """Our GITS variant with native-scale costs (see :func:`gits_sigmas`)."""
+    return gits_sigmas(denoiser, nfes, native_scale_costs=True, **kwargs)
 
 
 @torch.no_grad()
@@ -214,8 +229,9 @@ OPTIMISER_PEERS = {
     "gits_euler": ("gits", "euler", "GITS + DDIM (our re-impl.)"),
     "ays_dpmpp_2m": ("ays", "dpmpp_2m", "AYS + DPM++2M (our re-impl.)"),
     "ays_euler": ("ays", "euler", "AYS + DDIM (our re-impl.)"),
+    "gits_native_ipndm": ("gits_native", "ipndm", "GITS, native-scale costs (our variant) + iPNDM"),
 }
-OPTIMISERS = {"gits": gits_sigmas, "ays": ays_sigmas}
+OPTIMISERS = {"gits": gits_sigmas, "ays": ays_sigmas, "gits_native": gits_native_sigmas}
 
 
 def learn_peer_tables(denoiser, nfes: Sequence[int], device="cpu", seed: int = 0, num_samples: int = 256,
