@@ -108,6 +108,24 @@ def step_target(solver: str, x: torch.Tensor, sigmas: torch.Tensor, i: int, stat
     return (x_to - a) / (c - a)
 
 
+def step_loss_weights(sigmas: torch.Tensor, weighting: str = "propagated", sigma_data: float = 0.5) -> torch.Tensor:
+    """Weights of the N per-step D losses.
+
+    `propagated`: ((1 − σ_{i+1}/σ_i)·p_i)², the squared factor by which an error in D_i moves x_{i+1}
+    and then reaches the last σ (p_i = √((σ_d² + σ_N²)/(σ_d² + σ_{i+1}²)), DESIGN.md §3 lesson 2;
+    1 for a final step to 0). Without it the D loss at σ_max (≈ 157² times the ε-space loss on the
+    fixture) dominates every gradient. `uniform`: all ones.
+    """
+    from .objectives import propagation_factors
+
+    n = len(sigmas) - 1
+    if weighting == "uniform":
+        return torch.ones(n, dtype=sigmas.dtype, device=sigmas.device)
+    if weighting != "propagated":
+        raise ValueError(f"unknown step weighting {weighting!r}; choose 'propagated' or 'uniform'")
+    return ((1 - sigmas[1:] / sigmas[:-1]) * propagation_factors(sigmas, sigma_data)) ** 2
+
+
 def _per_step_weights(weights, n: int, like: torch.Tensor) -> torch.Tensor:
     if weights is None:
         return like.new_ones(n)
@@ -177,7 +195,7 @@ def denoising_loss(student: Callable, x0: torch.Tensor, sigmas: torch.Tensor, ge
 
 def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, target: str = "trajectory",
                 solver: str = "euler", x0: Optional[torch.Tensor] = None, denoising_weights=None,
-                step_weights=None, generator: Optional[torch.Generator] = None,
+                step_weights=None, step_weighting: str = "propagated", generator: Optional[torch.Generator] = None,
                 cond: Optional[dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The Phase-2 loss for one batch of teacher trajectories.
 
@@ -191,13 +209,17 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
             samples `states[-1]`); needed when `denoising_weights` is given.
         denoising_weights (`float` or `list[float]`, *optional*): λ_i of the denoising loss, one
             value or one per step; `None` or 0 turns it off.
-        step_weights (`list[float]`, *optional*): weights of the N per-step target losses.
+        step_weights (`list[float]`, *optional*): weights of the N per-step target losses; default
+            from `step_weighting`.
+        step_weighting (`str`, *optional*, defaults to `"propagated"`): see :func:`step_loss_weights`.
         generator (`torch.Generator`, *optional*): noise for the denoising loss.
         cond (`dict`, *optional*): conditioning kwargs for the model.
 
     Returns:
         (loss, logs) with per-step losses `step_i` and the denoising term as floats.
     """
+    if step_weights is None:
+        step_weights = step_loss_weights(sigmas, step_weighting)
     if target == "interval_average":
         loss, per_step = interval_average_loss(student, states, sigmas, cond, step_weights)
     elif target == "trajectory":

@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--phase1_pool_size", type=int, default=None, help="Noises (with teacher references) Phase 1 draws its batches from (default: optimize_schedule's).")
     parser.add_argument("--phase1_init", type=str, default="ddim_trailing", help="Hand-made table Phase 1 starts from.")
     parser.add_argument("--phase2_target", type=str, default="trajectory", choices=list(PHASE2_TARGETS), help="Phase-2 target: the teacher's interval average at its own states, or the landing D at the solver's states.")
+    parser.add_argument("--phase2_step_weighting", type=str, default="propagated", choices=["propagated", "uniform"], help="Weights of the per-step losses: the squared propagation of each D error to the sample, or uniform.")
     parser.add_argument("--phase2_steps", type=int, default=1000, help="Optimiser steps of Phase 2 per round.")
     parser.add_argument("--train_batch_size", type=int, default=64, help="Trajectories per device and micro-batch.")
     parser.add_argument("--pool_size", type=int, default=4096, help="Teacher trajectories drawn per NFE and round (split over processes).")
@@ -418,7 +419,8 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
             x0 = states[-1] if data is None else data[torch.randint(len(data), (len(pick),), generator=gen)].to(device)
             with accelerator.accumulate(model):
                 loss, logs = phase2_loss(student, states, tables[n], args.phase2_target, args.solver, x0=x0,
-                                         denoising_weights=weights, generator=gen, cond=cond)
+                                         denoising_weights=weights, step_weighting=args.phase2_step_weighting,
+                                         generator=gen, cond=cond)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
