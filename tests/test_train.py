@@ -114,14 +114,24 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_pipeline, tmp_path)
 
 
 def test_lora_output_loads_with_peft(tiny_pipeline, tmp_path):
+    """LoRA, with an image-folder dataset for the mixed-in denoising loss."""
+    import numpy as np
     from diffusers import UNet2DModel
     from peft import PeftModel
+    from PIL import Image
 
-    from diffusers_fewstep.train import main, parse_args
+    from diffusers_fewstep.train import load_images, main, parse_args
 
+    data = tmp_path / "images"
+    data.mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((12, 12), 60 * k, np.uint8)).save(data / f"{k}.png")
+    images = load_images(str(data), 8, 1)
+    assert images.shape == (4, 1, 8, 8) and float(images.min()) == -1.0 and float(images[3].mean()) > -0.5
     out = str(tmp_path / "lora")
     main(parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1",
                      "--phase2_steps", "3", "--use_lora", "--lora_rank", "4", "--checkpointing_steps", "100",
+                     "--train_data_dir", str(data), "--denoising_weight", "0.5",
                      *FAST[:-4], "--phase1_iters", "0", "--eval_samples", "0", "--learning_rate", "1e-2"]))
     assert not os.path.exists(os.path.join(out, "unet"))
     base = UNet2DModel.from_pretrained(tiny_pipeline, subfolder="unet")
@@ -133,3 +143,30 @@ def test_lora_output_loads_with_peft(tiny_pipeline, tmp_path):
     merged = tuned.merge_and_unload()
     assert torch.allclose(merged(x, t).sample, after, atol=1e-5)
     assert "PeftModel.from_pretrained" in open(os.path.join(out, "README.md")).read()
+
+
+def test_class_conditional_model_with_labels_file(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from diffusers_fewstep.train import main, parse_args
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=3)
+    base = str(tmp_path / "cond")
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(base)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0\n2\n1\n")
+    out = str(tmp_path / "out")
+    main(parse_args(["--pretrained_model_name_or_path", base, "--output_dir", out, "--rounds", "1",
+                     "--phase2_steps", "2", "--conditioning_file", str(labels), "--checkpointing_steps", "100",
+                     *FAST]))
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)["metrics"]
+    assert len(metrics) == 3 and all(0 < m["rmse_nfe2"] < 10 for m in metrics)
+    bad = tmp_path / "prompts.txt"
+    bad.write_text("a photo of a cat\n")
+    with pytest.raises(ValueError, match="one integer class label per line"):
+        main(parse_args(["--pretrained_model_name_or_path", base, "--output_dir", str(tmp_path / "bad"),
+                         "--conditioning_file", str(bad), *FAST]))

@@ -232,7 +232,7 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
             raise ValueError("denoising_weights needs x0 (data, or the teacher's samples)")
         dn, _ = denoising_loss(student, x0, sigmas, generator, cond, denoising_weights)
         loss = loss + dn
-        logs["denoising"] = float(dn)
+        logs["denoising"] = float(dn.detach())
     logs["target_loss"] = float(per_step.mean())
     return loss, logs
 

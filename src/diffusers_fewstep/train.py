@@ -177,9 +177,11 @@ def _cond(labels: Optional[torch.Tensor], batch: int, generator: torch.Generator
 
 
 # --- phases -------------------------------------------------------------------------------------
-def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None) -> Dict[str, List[float]]:
+def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
+               labels: Optional[torch.Tensor] = None) -> Dict[str, List[float]]:
     """Phase 1 on the current model: one learned table per NFE, starting from `init` ({nfe: table}) or
-    `--phase1_init`. The model's `requires_grad` flags are restored afterwards."""
+    `--phase1_init`; class labels (if any) are cycled over the training paths. The model's
+    `requires_grad` flags are restored afterwards."""
     from .optimizer import optimize_schedule
 
     flags = [p.requires_grad for p in denoiser.parameters()]
@@ -188,8 +190,8 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None) ->
                                    num_iters=args.phase1_iters, batch_size=args.phase1_batch_size,
                                    init={int(k): v for k, v in init.items()} if init else args.phase1_init,
                                    reference_steps=args.reference_steps, pool_size=args.phase1_pool_size,
-                                   seed=args.seed + 1000 * round_,
-                                   device=device, progress=False)
+                                   seed=args.seed + 1000 * round_, device=device, progress=False,
+                                   cond=None if labels is None else {"class_labels": labels})
     finally:
         for p, flag in zip(denoiser.parameters(), flags):
             p.requires_grad_(flag)
@@ -301,6 +303,9 @@ def main(args: argparse.Namespace) -> str:
     teacher = SigmaDenoiser(teacher_module, base_config)
     labels = load_conditioning(args.conditioning_file, device)
     data = None
+    if args.train_data_dir and labels is not None:
+        raise ValueError("--train_data_dir with --conditioning_file: dataset labels are not read; leave out "
+                         "--train_data_dir (the denoising loss then uses the teacher's labelled samples)")
     if args.train_data_dir:
         data = load_images(args.train_data_dir, args.sample_shape[1], args.sample_shape[0])
 
@@ -308,12 +313,12 @@ def main(args: argparse.Namespace) -> str:
     resume(accelerator, args)
     if ema is not None:
         ema.to(device)
-    ev = _eval_set(teacher, args, device) if accelerator.is_main_process and args.eval_samples > 0 else None
+    ev = _eval_set(teacher, args, device, labels) if accelerator.is_main_process and args.eval_samples > 0 else None
 
     # 3. alternate the phases
     while True:
         if state.phase == 1:
-            _phase1(accelerator, args, state, tuned, ema, ev, broadcast_object_list)
+            _phase1(accelerator, args, state, tuned, ema, ev, labels, broadcast_object_list)
             if state.round >= args.rounds:
                 break
             state.phase, state.step_in_phase = 2, 0
@@ -344,16 +349,31 @@ def _trainable(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _eval_set(teacher: SigmaDenoiser, args, device) -> dict:
+def _generate(denoiser: SigmaDenoiser, noise: torch.Tensor, sigmas, solver: str, args,
+              labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`evaluation.generate` in batches; sample k gets class label `labels[k % len(labels)]`."""
+    from .evaluation import generate
+
+    out = []
+    for start in range(0, len(noise), args.pool_batch_size):
+        chunk = noise[start: start + args.pool_batch_size]
+        extra = None if labels is None else {
+            "cond": {"class_labels": labels[torch.arange(start, start + len(chunk), device=labels.device) % len(labels)]}}
+        out.append(generate(denoiser, chunk, sigmas, solver, len(chunk), extra_args=extra))
+    return torch.cat(out)
+
+
+def _eval_set(teacher: SigmaDenoiser, args, device, labels: Optional[torch.Tensor] = None) -> dict:
     """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples and, with
     `--fd_classifier`, the feature network and the reference statistics for FD."""
-    from .evaluation import extract_features, feature_statistics, fmnist_images, load_fmnist_classifier
-    from .evaluation import noise_bank, reference_samples
+    from .evaluation import REFERENCE_SOLVER, extract_features, feature_statistics, fmnist_images
+    from .evaluation import load_fmnist_classifier, noise_bank, reference_sigmas
 
     noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
                        device=device)
-    ev = {"noise": noise, "reference": reference_samples(teacher, noise[: args.eval_samples], args.reference_steps,
-                                                         args.pool_batch_size)}
+    reference = _generate(teacher, noise[: args.eval_samples], reference_sigmas(teacher.schedule, args.reference_steps),
+                          REFERENCE_SOLVER, args, labels)
+    ev = {"noise": noise, "reference": reference, "labels": labels}
     if args.fd_classifier:
         ev["net"] = load_fmnist_classifier(args.fd_classifier, device)
         ev["stats"] = feature_statistics(extract_features(ev["net"], fmnist_images(args.fd_data).to(device)))
@@ -362,7 +382,7 @@ def _eval_set(teacher: SigmaDenoiser, args, device) -> dict:
 
 def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args) -> None:
     """Endpoint RMSE (and FD) of the current model and tables, appended to `state.metrics`."""
-    from .evaluation import endpoint_rmse, extract_features, frechet_distance, generate
+    from .evaluation import endpoint_rmse, extract_features, frechet_distance
 
     if ev is None:
         return
@@ -371,7 +391,7 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
     was_training = tuned.model.training
     tuned.model.eval()
     for n in args.nfe:
-        samples = generate(tuned, ev["noise"], state.tables[str(n)], args.solver, args.pool_batch_size)
+        samples = _generate(tuned, ev["noise"], state.tables[str(n)], args.solver, args, ev["labels"])
         row[f"rmse_nfe{n}"] = round(endpoint_rmse(samples[: args.eval_samples], ev["reference"]), 5)
         if "net" in ev:
             row[f"fd_nfe{n}"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
@@ -381,13 +401,14 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
     logger.info("round %d %s: %s", state.round, phase, row)
 
 
-def _phase1(accelerator, args, state, tuned, ema, ev, broadcast_object_list) -> None:
+def _phase1(accelerator, args, state, tuned, ema, ev, labels, broadcast_object_list) -> None:
     """Phase 1 on the main process (with the EMA weights), tables broadcast to every process."""
     tables = [None]
     if accelerator.is_main_process:
         with ema_weights(ema, _trainable(tuned.model)):
             t0 = time.time()
-            tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or None)
+            tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or None,
+                                   labels=labels)
             logger.info("round %d phase 1: %.1f s, tables %s", state.round, time.time() - t0, tables[0])
             state.tables = tables[0]
             _record(accelerator, state, "phase1", tuned, ev, args)
