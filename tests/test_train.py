@@ -89,7 +89,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_pipeline, tmp_path)
     from diffusers_fewstep.train import main, parse_args
 
     common = ["--pretrained_model_name_or_path", tiny_pipeline, "--rounds", "1", "--phase2_steps", "4",
-              "--checkpointing_steps", "2", "--use_ema", "--eval_samples", "0", *FAST[:-4], "--learning_rate", "1e-3"]
+              "--checkpointing_steps", "2", "--use_ema", "--gradient_accumulation_steps", "2", "--eval_samples", "0", *FAST[:-4], "--learning_rate", "1e-3"]
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     main(parse_args(common + ["--output_dir", full]))
     main(parse_args(common + ["--output_dir", killed, "--stop_after_steps", "3"]))  # dies after step 3 of Phase 2
@@ -170,3 +170,23 @@ def test_class_conditional_model_with_labels_file(tmp_path):
     with pytest.raises(ValueError, match="one integer class label per line"):
         main(parse_args(["--pretrained_model_name_or_path", base, "--output_dir", str(tmp_path / "bad"),
                          "--conditioning_file", str(bad), *FAST]))
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_without_checkpoints(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from diffusers_fewstep.train import parse_args, push_to_hub
+
+    calls = {}
+
+    class Url:
+        repo_id = "me/fmnist-fewstep"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.update(create=(repo_id, kw)) or Url())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
+    args = parse_args(["--output_dir", str(tmp_path / "fmnist-fewstep"), "--push_to_hub", "--hub_private_repo"])
+    assert push_to_hub(args) == "me/fmnist-fewstep"
+    assert calls["create"][0] == "fmnist-fewstep" and calls["create"][1]["private"] is True
+    upload = calls["upload"]
+    assert upload["repo_id"] == "me/fmnist-fewstep" and upload["folder_path"] == args.output_dir
+    assert "checkpoint-*" in upload["ignore_patterns"]
