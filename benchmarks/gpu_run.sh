@@ -15,11 +15,11 @@ if [ "${LEARN:-1}" = 1 ]; then
   rm -f benchmarks/tables/learned_*.json
   for s in $solvers; do
     for g in $groups; do
-      tag="-nfe${g/,/-}"
+      tag="_nfe${g/,/-}"
       lock="benchmarks/tables/learned_${s}${tag}.lock"
       touch "$lock"
       ( OMP_NUM_THREADS=1 timeout "${LEARN_TIMEOUT:-400}" python benchmarks/run_benchmark.py --learn-only \
-          --solvers "$s" --nfes ${g/,/ } --tables-tag "$tag" --tables-dir benchmarks/tables \
+          --solvers "$s" --nfes ${g/,/ } --tables-tag="$tag" --tables-dir benchmarks/tables \
           --learn-note "learned while $n_learners learner processes and the measurement shared the GPU" \
           ${LEARN_ARGS:-} > "benchmarks/tables/learn_${s}${tag}.log" 2>&1; rm -f "$lock" ) &
     done
