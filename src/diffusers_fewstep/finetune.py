@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import contextlib
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

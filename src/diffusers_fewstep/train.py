@@ -31,7 +31,6 @@ import torch
 from . import DEFAULT_MODEL, solvers
 from .adapter import SigmaDenoiser
 from .finetune import PHASE2_TARGETS, add_lora, ema_weights, make_teacher, phase2_loss, teacher_states
-from .schedules import time_uniform_sigmas
 
 logger = logging.getLogger(__name__)
 
