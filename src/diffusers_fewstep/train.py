@@ -179,21 +179,15 @@ def _cond(labels: Optional[torch.Tensor], batch: int, generator: torch.Generator
 def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
                labels: Optional[torch.Tensor] = None) -> Dict[str, List[float]]:
     """Phase 1 on the current model: one learned table per NFE, starting from `init` ({nfe: table}) or
-    `--phase1_init`; class labels (if any) are cycled over the training paths. The model's
-    `requires_grad` flags are restored afterwards."""
+    `--phase1_init`; class labels (if any) are cycled over the training paths."""
     from .optimizer import optimize_schedule
 
-    flags = [p.requires_grad for p in denoiser.parameters()]
-    try:
-        result = optimize_schedule(denoiser, nfes=list(args.nfe), solver=args.solver, objective=args.phase1_objective,
-                                   num_iters=args.phase1_iters, batch_size=args.phase1_batch_size,
-                                   init={int(k): v for k, v in init.items()} if init else args.phase1_init,
-                                   reference_steps=args.reference_steps, pool_size=args.phase1_pool_size,
-                                   seed=args.seed + 1000 * round_, device=device, progress=False,
-                                   cond=None if labels is None else {"class_labels": labels})
-    finally:
-        for p, flag in zip(denoiser.parameters(), flags):
-            p.requires_grad_(flag)
+    result = optimize_schedule(denoiser, nfes=list(args.nfe), solver=args.solver, objective=args.phase1_objective,
+                               num_iters=args.phase1_iters, batch_size=args.phase1_batch_size,
+                               init={int(k): v for k, v in init.items()} if init else args.phase1_init,
+                               reference_steps=args.reference_steps, pool_size=args.phase1_pool_size,
+                               seed=args.seed + 1000 * round_, device=device, progress=False,
+                               cond=None if labels is None else {"class_labels": labels})
     return {str(n): [float(s) for s in result.tables[n]] for n in args.nfe}
 
 
