@@ -1,4 +1,4 @@
-"""`diffusers-fewstep` console script: `optimize` (Phase 1), `benchmark`."""
+"""`diffusers-fewstep` console script: `optimize` (Phase 1), `benchmark`, `train` (Phase 1 ⇄ Phase 2)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "optimize": ("diffusers_fewstep.optimizer", "learn σ tables for a model (Phase 1)"),
     "benchmark": ("diffusers_fewstep.benchmark", "side-by-side benchmark of samplers and learned tables"),
+    "train": ("diffusers_fewstep.train",
+              "alternate Phase 1 and Phase 2 (`accelerate launch scripts/train_fewstep.py` for several GPUs)"),
 }
 
 
