@@ -121,3 +121,20 @@ def test_learn_only_caches_tables_with_their_cost(tiny_setup):
     assert record["settings"]["seed"] == 7 and record["settings"]["pool_size"] == 4
     (row,) = benchmark.load_learned_rows(str(root / "new"), [3])
     assert row.name == "learned_euler" and list(row.tables) == [3] and row.learn_seconds[3] == record["seconds"]["3"]
+
+
+def test_cached_tables_of_one_solver_are_merged(tmp_path):
+    for tag, nfes in (("", (3, 4)), ("_nfe8-10", (8, 10))):
+        (tmp_path / f"learned_unipc{tag}.json").write_text(json.dumps({
+            "solver": "unipc", "tables": {str(n): [100.0, 1.0, 0.0] for n in nfes},
+            "seconds": {str(n): float(n) for n in nfes}, "command": f"cmd{tag}", "device": "d", "date": "t"}))
+    (row,) = benchmark.load_learned_rows(str(tmp_path), [3, 8, 10])
+    assert sorted(row.tables) == [3, 8, 10] and row.learn_seconds == {3: 3.0, 8: 8.0, 10: 10.0}
+    assert row.commands == ["cmd", "cmd_nfe8-10"]
+
+
+def test_wait_for_learners_returns_when_locks_go_or_time_runs_out(tmp_path, capsys):
+    benchmark.wait_for_learners(str(tmp_path), timeout=5)  # no locks: returns at once
+    (tmp_path / "learned_euler.lock").touch()
+    benchmark.wait_for_learners(str(tmp_path), timeout=0.1)
+    assert "learners still running" in capsys.readouterr().out
