@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -31,6 +32,8 @@ from tqdm.auto import tqdm
 from . import objectives
 from .schedules import baseline_sigmas, time_uniform_sigmas, validate_sigmas
 from .solvers import canonical_solver, sample
+
+logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("trajectory", "bound_propagated", "bound")
 METHODS = ("adam", "fixed_point")
@@ -398,6 +401,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
     if method == "fixed_point" and objective == "trajectory":
         raise ValueError("method='fixed_point' solves the bound's stationarity condition; use "
                          "objective='bound_propagated' (or 'bound'), or method='adam' for 'trajectory'")
+    if objective == "trajectory" and data is not None:
+        logger.warning("`data` is unused by the trajectory objective (it needs only noise); it feeds the bound objectives")
     nfes = [int(nfes)] if isinstance(nfes, int) else [int(n) for n in nfes]
     if not nfes or min(nfes) < 1:
         raise ValueError(f"nfes must be positive step counts, got {nfes}")
