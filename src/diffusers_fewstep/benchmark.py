@@ -23,7 +23,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solvers", nargs="+", default=list(OUR_SOLVERS), help="solvers to learn tables for")
     parser.add_argument("--num-iters", type=int, default=150, help="optimiser iterations per table")
     parser.add_argument("--learn-batch-size", type=int, default=128, help="optimiser batch size")
-    parser.add_argument("--init", default="ddim_trailing", help="initial table for the optimiser")
+    parser.add_argument("--init", default="ddim_trailing",
+                        help="initial table for the optimiser: a baseline name or peer:<row> (e.g. peer:unipc_bh2)")
     parser.add_argument("--learn-seed", type=int, default=0, help="seed of the training noise (≠ evaluation seed 1234)")
     parser.add_argument("--optimizer-kwargs", default="{}", help="extra optimize_schedule keyword arguments (JSON)")
     parser.add_argument("--learn-note", default="", help="free text stored with the learned tables (e.g. GPU sharing)")
@@ -100,7 +101,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --- learning and loading tables -----------------------------------------------------------------------
-def learn_tables(denoiser, args, command: str) -> None:
+def initial_tables(init: str, nfes, base_config) -> Union[str, Dict[int, List[float]]]:
+    """`--init`: a baseline name of `schedules.baseline_sigmas`, or `peer:<name>` for a diffusers peer's own
+    σ's at every NFE (e.g. `peer:unipc_bh2`: learning then starts exactly from that peer's table)."""
+    if not init.startswith("peer:"):
+        return init
+    tables = {}
+    for nfe in nfes:
+        scheduler = peers.diffusers_scheduler(init[len("peer:"):], base_config)
+        scheduler.set_timesteps(nfe)
+        tables[nfe] = [float(s) for s in scheduler.sigmas]
+    return tables
+
+
+def learn_tables(denoiser, args, command: str, base_config=None) -> None:
     """Learn our tables for every solver in `args.solvers` and cache them in `args.tables_dir`.
 
     One `optimize_schedule` call per solver for all NFEs. A table's time is what learning it alone
@@ -114,7 +128,8 @@ def learn_tables(denoiser, args, command: str) -> None:
         path = os.path.join(args.tables_dir, f"learned_{solver}{args.tables_tag}.json")
         start = time.perf_counter()
         result = optimize_schedule(denoiser, nfes=list(args.nfes), solver=solver, objective="trajectory",
-                                   num_iters=args.num_iters, batch_size=args.learn_batch_size, init=args.init,
+                                   num_iters=args.num_iters, batch_size=args.learn_batch_size,
+                                   init=initial_tables(args.init, args.nfes, base_config),
                                    seed=args.learn_seed, device=args.device, progress=False, **extra)
         shared = float(result.shared.get("seconds", 0.0))
         record = {"solver": solver, "tables": {str(k): [float(s) for s in v] for k, v in result.tables.items()},
@@ -462,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
     model, base_config = load_model_and_scheduler_config(args.model)
     denoiser = SigmaDenoiser(model.to(args.device).eval(), base_config)
     if args.learn or args.learn_only:
-        learn_tables(denoiser, args, command)
+        learn_tables(denoiser, args, command, base_config)
         if args.learn_only:
             return 0
     start = time.perf_counter()

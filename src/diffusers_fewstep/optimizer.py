@@ -62,15 +62,21 @@ class MonotoneSigmas(nn.Module):
             σ_max, a final σ ≤ σ_min by σ_min or 0).
         sigma_min (`float`), sigma_max (`float`): the model's σ range.
         final_zero (`bool`, *optional*, defaults to `True`): whether the table ends in 0.
+        learn_start (`bool`, *optional*, defaults to `False`): let σ_0 move below σ_max (the sample then
+            starts from native noise at σ_0, as diffusers' `leading` spacings do).
     """
 
-    def __init__(self, init: Sequence[float], sigma_min: float, sigma_max: float, final_zero: bool = True):
+    def __init__(self, init: Sequence[float], sigma_min: float, sigma_max: float, final_zero: bool = True,
+                 learn_start: bool = False):
         super().__init__()
         self.sigma_min, self.sigma_max, self.final_zero = float(sigma_min), float(sigma_max), final_zero
+        self.learn_start = learn_start
         table = torch.as_tensor([float(s) for s in init], dtype=torch.float64)
         positive = table[:-1]  # the final entry is replaced by 0 or σ_min
         logs = positive.clamp(sigma_min, sigma_max).log()
-        logs = torch.cat([logs.new_tensor([math.log(sigma_max)]), logs[1:], logs.new_tensor([math.log(sigma_min)])])
+        # with `learn_start`, σ_0 is free too: the first logit is the slack between σ_max and σ_0
+        logs = torch.cat([logs.new_tensor([math.log(sigma_max)]), logs if learn_start else logs[1:],
+                          logs.new_tensor([math.log(sigma_min)])])
         self.span = math.log(sigma_max) - math.log(sigma_min)
         n = len(logs) - 1
         self.floor = MIN_INCREMENT / n  # every increment ≥ floor·span: strictly decreasing in floating point
@@ -80,14 +86,14 @@ class MonotoneSigmas(nn.Module):
 
     @property
     def nfe(self) -> int:
-        return len(self.logits)
+        return len(self.logits) - int(self.learn_start)
 
     def forward(self) -> torch.Tensor:
         """The table (float64), differentiable w.r.t. `logits`."""
         n = len(self.logits)
         steps = self.span * (self.floor + (1 - n * self.floor) * self.logits.softmax(0))
         logs = math.log(self.sigma_max) - torch.cat([steps.new_zeros(1), steps.cumsum(0)])
-        sigmas = logs.exp()
+        sigmas = logs[1:].exp() if self.learn_start else logs.exp()
         if self.final_zero:
             return torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
         return torch.cat([sigmas[:-1], sigmas.new_tensor([self.sigma_min])])
@@ -344,7 +350,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                       progress: bool = True, patience: Optional[int] = 30, mixed_precision: Optional[str] = None,
                       gradient_checkpointing: bool = False, pool_size: Optional[int] = None,
                       sigma_data: float = 0.5, strata: int = 1, damping: float = 0.5,
-                      tol: float = 1e-3) -> ScheduleResult:
+                      tol: float = 1e-3, learn_start: bool = False) -> ScheduleResult:
     """Learn one σ table per step count for `denoiser` and `solver` (Phase 1, DESIGN.md §3).
 
     Args:
@@ -388,6 +394,9 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         damping (`float`, *optional*, defaults to 0.5): fixed point: mixing weight of the new steps.
         tol (`float`, *optional*, defaults to 1e-3): fixed point: stop when the largest relative
             stationarity residual is below it.
+        learn_start (`bool`, *optional*, defaults to `False`): trajectory objective: learn σ_0 too (native
+            noise then enters at σ_0 ≤ σ_max, as in diffusers' `leading` spacings); the reference still
+            starts at σ_max.
 
     Returns:
         :class:`ScheduleResult`
@@ -425,7 +434,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 "gradient_checkpointing": gradient_checkpointing, "pool_size": pool_size,
                 "x0_source": "none" if objective == "trajectory" else ("data" if data is not None else "model"),
                 "sigma_data": sigma_data, "strata": strata, "damping": damping, "tol": tol,
-                "sample_shape": list(sample_shape), "device": str(device), "noise_schedule": schedule.describe()}
+                "sample_shape": list(sample_shape), "device": str(device), "noise_schedule": schedule.describe(),
+                "learn_start": learn_start}
 
     with _frozen(denoiser):  # gradients flow to the table only; the model's flags are restored after
         # 2. the shared pool: noises, references (trajectory, or data-free x0), x0
@@ -452,7 +462,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
             if method == "adam":
                 table, history[nfe] = _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting,
                                                    schedule, num_iters, batch_size, lr, patience, sigma_data, strata,
-                                                   cond, uncond, generator, progress, desc)
+                                                   cond, uncond, generator, progress, desc, learn_start)
             else:
                 table, history[nfe] = _learn_fixed_point(model_fn, pool, init_table, schedule, num_iters, batch_size,
                                                           weighting, sigma_data, strata, damping, tol, cond, uncond,
@@ -464,9 +474,12 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
 
 
 def _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting, schedule, num_iters, batch_size, lr,
-                patience, sigma_data, strata, cond, uncond, generator, progress, desc):
+                patience, sigma_data, strata, cond, uncond, generator, progress, desc, learn_start=False):
     final_zero = objective == "trajectory"
-    param = MonotoneSigmas(init_table, schedule.sigma_min, schedule.sigma_max, final_zero=final_zero).to(pool.noise.device)
+    if learn_start and not final_zero:
+        raise ValueError("learn_start applies to the trajectory objective only (the bound fixes σ_0 = σ_max)")
+    param = MonotoneSigmas(init_table, schedule.sigma_min, schedule.sigma_max, final_zero=final_zero,
+                           learn_start=learn_start).to(pool.noise.device)
     batches = _batches(len(pool), min(batch_size, len(pool)), generator)
     dtype = pool.noise.dtype
 
@@ -475,7 +488,10 @@ def _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting, s
         dev_idx = idx.to(pool.noise.device)
         extra = _extra_args(cond, uncond, idx)
         if objective == "trajectory":
-            return objectives.trajectory_loss(model_fn, pool.x_T[dev_idx], sigmas.to(dtype), pool.reference[dev_idx],
+            sigmas = sigmas.to(dtype)
+            # native noise enters at σ_0 (σ_max unless `learn_start`): x = ε / a(σ_0)
+            x_start = pool.noise[dev_idx] / schedule.native_scale(sigmas[0])
+            return objectives.trajectory_loss(model_fn, x_start, sigmas, pool.reference[dev_idx],
                                               solver, extra_args=extra)
         return objectives.bound(model_fn, pool.x0[dev_idx], pool.path_noise[dev_idx], sigmas.to(dtype), weighting,
                                 sigma_data, strata, generator=generator, extra_args=extra)
