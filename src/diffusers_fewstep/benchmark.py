@@ -430,10 +430,10 @@ def results_page(record: dict, tables_md: str, figure_names: Dict[str, str]) -> 
               "published schedule optimisers **re-implemented by us** from their papers (GITS: Chen et al. 2024; "
               "AYS: Sabour et al. 2024 — see `src/diffusers_fewstep/peers.py` for what differs) with the solver "
               "each is paired with; our learned tables (Phase 1, trajectory objective, learned on noise seed "
-              "independent of the evaluation bank); a check row running our σ-space DDIM on diffusers' trailing "
-              "table (it should match DDIM trailing). Learning times: GITS/AYS, one run for all NFEs (teacher "
-              "trajectories included); ours, per NFE, one `optimize_schedule` call learning that table alone "
-              "(the reference solves of its training noise included).", "", tables_md, ""]
+              "independent of the evaluation bank); when selected, a check row running our σ-space DDIM on "
+              "diffusers' trailing table. Learning times: GITS/AYS, one run for all NFEs (teacher "
+              "trajectories included); ours, per NFE, that table's own optimisation loop plus the reference "
+              "solves of the training noise (shared by all NFEs of one `optimize_schedule` call).", "", tables_md, ""]
     for key, title in (("fd_vs_nfe", "FD vs NFE (log scale)"), ("sigma_tables", "Learned σ tables against the baselines"),
                        ("grids", f"Samples at {GRID_NFE} steps (same noise in every row)")):
         if key in figure_names:
