@@ -2,7 +2,6 @@
 import argparse
 import gzip
 import json
-import os
 
 import numpy as np
 import pytest
@@ -21,14 +20,6 @@ class Net(torch.nn.Module):
 def load_classifier(folder):
     return Net()
 '''
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

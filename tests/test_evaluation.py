@@ -13,14 +13,6 @@ DDPM_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.
                "prediction_type": "epsilon"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GaussianDenoiser:
     """Exact D for data N(0, s²·I): D(x; σ) = s²/(s²+σ²)·x, so the ODE solution is known in closed form."""
 

@@ -12,15 +12,6 @@ from diffusers_fewstep.finetune import (add_lora, denoising_loss, make_teacher, 
                                         step_loss_weights, step_target, teacher_states)
 from diffusers_fewstep.schedules import time_uniform_sigmas
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core machine slows two by 10×)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
           "beta_schedule": "linear", "prediction_type": "epsilon"}
 

@@ -6,20 +6,11 @@ import torch
 
 from diffusers_fewstep import evaluation as ev
 from diffusers_fewstep import peers
-from diffusers_fewstep.adapter import NoiseSchedule, SigmaDenoiser
+from diffusers_fewstep.adapter import SigmaDenoiser
 from diffusers_fewstep.schedules import baseline_sigmas
 
 DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
                "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": False}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU runners are small and shared: one intra-op thread is many times faster than oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def path_cost(cost, path):

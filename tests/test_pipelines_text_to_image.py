@@ -11,7 +11,7 @@ from diffusers_fewstep import LearnedScheduleScheduler
 from diffusers_fewstep.bundle import load_bundle, save_bundle
 from diffusers_fewstep.pipelines import (FewStepSD3Pipeline, FewStepStableDiffusionPipeline,
                                          FewStepStableDiffusionXLPipeline)
-from tiny_models import single_thread_torch, learned_scheduler, tiny_sd, tiny_sd3, tiny_sdxl
+from tiny_models import learned_scheduler, tiny_sd, tiny_sd3, tiny_sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {
@@ -23,7 +23,6 @@ PROMPTS = ["a red shirt", "a pair of boots"]
 NEGATIVE = ["blurry", "low quality"]
 
 
-single_thread = pytest.fixture(scope="module", autouse=True)(single_thread_torch)
 
 
 def seeded(seed=0):

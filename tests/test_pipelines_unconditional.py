@@ -9,13 +9,12 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DMode
 from diffusers_fewstep import DEFAULT_MODEL, LearnedScheduleScheduler
 from diffusers_fewstep.bundle import load_bundle, save_bundle
 from diffusers_fewstep.pipelines import FewStepUnconditionalPipeline
-from tiny_models import single_thread_torch, learned_scheduler, fake_learned_table, tiny_unconditional
+from tiny_models import learned_scheduler, fake_learned_table, tiny_unconditional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMUNITY_FILE = os.path.join(ROOT, "pipelines", "fewstep_unconditional.py")
 
 
-single_thread = pytest.fixture(scope="module", autouse=True)(single_thread_torch)
 
 
 def seeded(seed=0):

@@ -1,6 +1,5 @@
 """LearnedScheduleScheduler against diffusers' own schedulers on the real fixture model, and its config life cycle."""
 import json
-import os
 
 import numpy as np
 import pytest

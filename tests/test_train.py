@@ -15,15 +15,6 @@ FAST = ["--nfe", "2", "--phase1_iters", "2", "--phase1_batch_size", "8", "--phas
         "--eval_samples", "8", "--learning_rate", "1e-3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core machine slows two by 10×)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """A DDPMPipeline folder with a 45k-parameter UNet2DModel (8×8, one channel)."""

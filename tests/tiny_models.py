@@ -181,10 +181,3 @@ def learned_scheduler(scheduler_config, steps=(3, 4), solver: str = "euler", **k
     return LearnedScheduleScheduler.from_config(scheduler_config, sigma_tables=tables, solver=solver, **kwargs)
 
 
-def single_thread_torch():
-    """Generator for a module-scoped autouse fixture: tiny models run fastest on one thread, and extra
-    OpenMP threads only spin when the 2 CPU cores are shared; restores the thread count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

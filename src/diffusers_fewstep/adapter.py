@@ -7,8 +7,7 @@ The scheduler, the optimiser, evaluation and the pipelines all use these two cla
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
