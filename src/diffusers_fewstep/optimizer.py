@@ -350,7 +350,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                       progress: bool = True, patience: Optional[int] = 30, mixed_precision: Optional[str] = None,
                       gradient_checkpointing: bool = False, pool_size: Optional[int] = None,
                       sigma_data: float = 0.5, strata: int = 1, damping: float = 0.5,
-                      tol: float = 1e-3, learn_start: bool = False) -> ScheduleResult:
+                      tol: float = 1e-3, learn_start: bool = False,
+                      reference_denoiser: Optional[Callable] = None) -> ScheduleResult:
     """Learn one σ table per step count for `denoiser` and `solver` (Phase 1, DESIGN.md §3).
 
     Args:
@@ -397,6 +398,9 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         learn_start (`bool`, *optional*, defaults to `False`): trajectory objective: learn σ_0 too (native
             noise then enters at σ_0 ≤ σ_max, as in diffusers' `leading` spacings); the reference still
             starts at σ_max.
+        reference_denoiser (`Callable`, *optional*): the model whose many-step solutions are the targets
+            (reference and data-free x0); defaults to `denoiser`. After Phase 2 this is the frozen teacher, so
+            the tuned model's tables are fitted to the teacher's trajectories, not to its own.
 
     Returns:
         :class:`ScheduleResult`
@@ -426,7 +430,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
     weighting = "literal" if objective == "bound" else "propagated"
     model_fn = _CountingDenoiser(denoiser, _resolve_precision(mixed_precision, device), device.type,
                                  gradient_checkpointing)
-    full_fn = _CountingDenoiser(denoiser)
+    full_fn = _CountingDenoiser(reference_denoiser or denoiser)
     settings = {"nfes": nfes, "solver": solver, "objective": objective, "method": method, "num_iters": num_iters,
                 "batch_size": batch_size, "lr": lr, "init": init if isinstance(init, str) else "custom",
                 "reference_steps": reference_steps, "reference_solver": REFERENCE_SOLVER, "seed": seed,
@@ -435,7 +439,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 "x0_source": "none" if objective == "trajectory" else ("data" if data is not None else "model"),
                 "sigma_data": sigma_data, "strata": strata, "damping": damping, "tol": tol,
                 "sample_shape": list(sample_shape), "device": str(device), "noise_schedule": schedule.describe(),
-                "learn_start": learn_start}
+                "learn_start": learn_start, "reference_model": "teacher" if reference_denoiser is not None else "self"}
 
     with _frozen(denoiser):  # gradients flow to the table only; the model's flags are restored after
         # 2. the shared pool: noises, references (trajectory, or data-free x0), x0

@@ -177,9 +177,10 @@ def _cond(labels: Optional[torch.Tensor], batch: int, generator: torch.Generator
 
 # --- phases -------------------------------------------------------------------------------------
 def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
-               labels: Optional[torch.Tensor] = None) -> Dict[str, List[float]]:
+               labels: Optional[torch.Tensor] = None, teacher: Optional[SigmaDenoiser] = None) -> Dict[str, List[float]]:
     """Phase 1 on the current model: one learned table per NFE, starting from `init` ({nfe: table}) or
-    `--phase1_init`; class labels (if any) are cycled over the training paths."""
+    `--phase1_init`, fitted to the `teacher`'s reference solutions (the model's own when None); class
+    labels (if any) are cycled over the training paths."""
     from .optimizer import optimize_schedule
 
     result = optimize_schedule(denoiser, nfes=list(args.nfe), solver=args.solver, objective=args.phase1_objective,
@@ -187,7 +188,7 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
                                init={int(k): v for k, v in init.items()} if init else args.phase1_init,
                                reference_steps=args.reference_steps, pool_size=args.phase1_pool_size,
                                seed=args.seed + 1000 * round_, device=device, progress=False,
-                               cond=None if labels is None else {"class_labels": labels})
+                               cond=None if labels is None else {"class_labels": labels}, reference_denoiser=teacher)
     return {str(n): [float(s) for s in result.tables[n]] for n in args.nfe}
 
 
@@ -311,7 +312,7 @@ def main(args: argparse.Namespace) -> str:
     # 3. alternate the phases
     while True:
         if state.phase == 1:
-            _phase1(accelerator, args, state, tuned, ema, ev, labels, broadcast_object_list)
+            _phase1(accelerator, args, state, tuned, teacher, ema, ev, labels, broadcast_object_list)
             if state.round >= args.rounds:
                 break
             state.phase, state.step_in_phase = 2, 0
@@ -394,14 +395,14 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
     logger.info("round %d %s: %s", state.round, phase, row)
 
 
-def _phase1(accelerator, args, state, tuned, ema, ev, labels, broadcast_object_list) -> None:
+def _phase1(accelerator, args, state, tuned, teacher, ema, ev, labels, broadcast_object_list) -> None:
     """Phase 1 on the main process (with the EMA weights), tables broadcast to every process."""
     tables = [None]
     if accelerator.is_main_process:
         with ema_weights(ema, _trainable(tuned.model)):
             t0 = time.time()
             tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or None,
-                                   labels=labels)
+                                   labels=labels, teacher=teacher)
             logger.info("round %d phase 1: %.1f s, tables %s", state.round, time.time() - t0, tables[0])
             state.tables = tables[0]
             _record(accelerator, state, "phase1", tuned, ev, args)
