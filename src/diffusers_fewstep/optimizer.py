@@ -126,6 +126,8 @@ class ScheduleResult:
                 "solver": self.settings["solver"], "seconds": {str(k): round(v, 2) for k, v in self.seconds.items()},
                 "final_objective": {str(k): h[-1] for k, h in self.history.items() if h},
                 "settings": self.settings, "tool": "diffusers-fewstep optimize"}
+        if self.settings.get("model_class"):
+            prov["model_class"] = self.settings["model_class"]  # bundles are refused for another architecture
         if base_model is not None:
             prov["base_model"] = base_model
         return prov
@@ -439,6 +441,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 "x0_source": "none" if objective == "trajectory" else ("data" if data is not None else "model"),
                 "sigma_data": sigma_data, "strata": strata, "damping": damping, "tol": tol,
                 "sample_shape": list(sample_shape), "device": str(device), "noise_schedule": schedule.describe(),
+                "model_class": type(getattr(denoiser, "model", denoiser)).__name__,
                 "learn_start": learn_start, "reference_model": "teacher" if reference_denoiser is not None else "self"}
 
     with _frozen(denoiser):  # gradients flow to the table only; the model's flags are restored after
