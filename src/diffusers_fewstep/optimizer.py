@@ -597,7 +597,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-steps", type=int, default=None,
                         help=f"steps of the DPM-Solver++(2M) reference (default: {GPU_DEFAULTS['reference_steps']} "
                              f"on cuda, {CPU_DEFAULTS['reference_steps']} on cpu)")
-    parser.add_argument("--init", default="ddim_trailing", help="baseline table to start from")
+    parser.add_argument("--init", default="ddim_trailing",
+                        help="table to start from: a baseline (ddim_trailing, karras, loguniform, ddim_leading) or "
+                             "peer:<row> for a diffusers scheduler's own σ's (e.g. peer:unipc_bh2)")
+    parser.add_argument("--learn-start", action="store_true",
+                        help="learn σ_0 too (noise enters at σ_0 ≤ σ_max, as diffusers' leading spacings do)")
     parser.add_argument("--data", default=None, help="clean data for the bound: IDX file, .pt tensor or image folder")
     parser.add_argument("--patience", type=int, default=30, help="early stopping patience (iterations)")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
@@ -610,6 +614,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`diffusers-fewstep optimize`: learn the tables and write OUT/scheduler/, OUT/schedule.png, OUT/optimize_log.json."""
     from .adapter import SigmaDenoiser
+    from .benchmark import initial_tables
     from .hub import load_model_and_scheduler_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -622,7 +627,8 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(args.data, sample_shape) if args.data else None
     result = optimize_schedule(
         denoiser, nfes=args.nfe, solver=args.solver, objective=args.objective, method=args.method,
-        num_iters=args.max_iters, batch_size=batch_size, lr=args.lr, data=data, init=args.init,
+        num_iters=args.max_iters, batch_size=batch_size, lr=args.lr, data=data,
+        init=initial_tables(args.init, args.nfe, config), learn_start=args.learn_start,
         reference_steps=reference_steps, seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, pool_size=args.pool_size or defaults["pool_size"])
