@@ -193,3 +193,21 @@ def test_gradient_checkpointing_gives_the_same_tables(gm):
     checkpointed = _learn(gm, [4], gradient_checkpointing=True, **kwargs)
     assert checkpointed.tables[4] == pytest.approx(plain.tables[4], rel=1e-6)
     assert checkpointed.num_evals == plain.num_evals
+
+
+def test_held_out_validation_keeps_the_better_of_init_and_learned(gm, test_paths):
+    # a normal run: the learned tables generalise, so they are kept and beat their start on fresh paths
+    good = _learn(gm, [4, 6], num_iters=40, validation_size=128)
+    for nfe in (4, 6):
+        v = good.validation[nfe]
+        assert v["kept"] == "learned" and v["learned"] < 0.8 * v["init"]
+        assert good.tables[nfe] != baseline_sigmas("ddim_trailing", nfe, gm.schedule).tolist()
+    # a run that overfits (2 training paths, a huge step size) gets worse on held-out paths: the start is kept
+    bad = _learn(gm, [6], num_iters=30, batch_size=2, pool_size=2, lr=3.0, patience=None, validation_size=128)
+    v = bad.validation[6]
+    assert v["learned"] > 2 * v["init"] and v["kept"] == "init"
+    assert bad.tables[6] == baseline_sigmas("ddim_trailing", 6, gm.schedule).tolist()
+    # whichever was kept is never worse than the start on the independent test paths of this module (5% slack)
+    init_rmse = _true_rmse(gm, test_paths, baseline_sigmas("ddim_trailing", 6, gm.schedule).tolist(), "euler")
+    assert _true_rmse(gm, test_paths, bad.tables[6], "euler") <= 1.05 * init_rmse
+    assert good.settings["validation_size"] == 128 and not _learn(gm, [3], num_iters=2).validation

@@ -112,6 +112,8 @@ class ScheduleResult:
         num_evals (`dict[int, int]`): batched model calls of each loop (backward passes not counted).
         settings (`dict`): every setting of the run (JSON-able).
         shared (`dict`): the cost shared by all NFEs (reference solves): `seconds`, `num_evals`.
+        validation (`dict[int, dict]`): with `validation_size`, the held-out objective of the initial and
+            the learned table and which one was kept (`{"init": …, "learned": …, "kept": "learned"|"init"}`).
     """
 
     tables: Dict[int, List[float]]
@@ -120,6 +122,7 @@ class ScheduleResult:
     num_evals: Dict[int, int]
     settings: Dict[str, Any]
     shared: Dict[str, Any] = field(default_factory=dict)
+    validation: Dict[int, Dict[str, Any]] = field(default_factory=dict)
 
     def provenance(self, base_model: Optional[str] = None) -> dict:
         prov = {"objective": self.settings["objective"], "method": self.settings["method"],
@@ -154,7 +157,8 @@ class ScheduleResult:
                "history": {str(k): v for k, v in self.history.items()},
                "seconds": {str(k): v for k, v in self.seconds.items()},
                "num_evals": {str(k): v for k, v in self.num_evals.items()},
-               "shared": self.shared, "settings": self.settings}
+               "shared": self.shared, "validation": {str(k): v for k, v in self.validation.items()},
+               "settings": self.settings}
         with open(os.path.join(output_dir, "optimize_log.json"), "w") as f:
             json.dump(log, f, indent=2)
         return output_dir
@@ -353,7 +357,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                       gradient_checkpointing: bool = False, pool_size: Optional[int] = None,
                       sigma_data: float = 0.5, strata: int = 1, damping: float = 0.5,
                       tol: float = 1e-3, learn_start: bool = False,
-                      reference_denoiser: Optional[Callable] = None) -> ScheduleResult:
+                      reference_denoiser: Optional[Callable] = None, validation_size: int = 0) -> ScheduleResult:
     """Learn one σ table per step count for `denoiser` and `solver` (Phase 1, DESIGN.md §3).
 
     Args:
@@ -403,6 +407,9 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         reference_denoiser (`Callable`, *optional*): the model whose many-step solutions are the targets
             (reference and data-free x0); defaults to `denoiser`. After Phase 2 this is the frozen teacher, so
             the tuned model's tables are fitted to the teacher's trajectories, not to its own.
+        validation_size (`int`, *optional*, defaults to 0): trajectory objective: this many held-out noises
+            (seed + 1) with their own references; after learning, a table is kept only if its held-out
+            objective beats the initial table's, otherwise the initial table is returned (`result.validation`).
 
     Returns:
         :class:`ScheduleResult`
@@ -442,7 +449,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 "sigma_data": sigma_data, "strata": strata, "damping": damping, "tol": tol,
                 "sample_shape": list(sample_shape), "device": str(device), "noise_schedule": schedule.describe(),
                 "model_class": type(getattr(denoiser, "model", denoiser)).__name__,
-                "learn_start": learn_start, "reference_model": "teacher" if reference_denoiser is not None else "self"}
+                "validation_size": validation_size, "learn_start": learn_start, "reference_model": "teacher" if reference_denoiser is not None else "self"}
 
     with _frozen(denoiser):  # gradients flow to the table only; the model's flags are restored after
         # 2. the shared pool: noises, references (trajectory, or data-free x0), x0
@@ -458,10 +465,15 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
             else:
                 pick = torch.randint(0, data.shape[0], (pool_size,), generator=generator)
                 pool.x0 = data[pick].to(device=device, dtype=torch.float32)
+        held_out = None
+        if validation_size and objective == "trajectory":
+            held_out = _Pool(validation_size, sample_shape, schedule.sigma_max, schedule, device,
+                             torch.Generator().manual_seed(seed + 1))
+            held_out.reference = _reference_solves(full_fn, held_out, ref_table, batch_size, cond, uncond, progress)
         shared = {"seconds": time.perf_counter() - start, "num_evals": full_fn.calls}
 
         # 3. one table per NFE
-        tables, history, seconds, num_evals = {}, {}, {}, {}
+        tables, history, seconds, num_evals, validation = {}, {}, {}, {}, {}
         for nfe in nfes:
             start, calls_before = time.perf_counter(), model_fn.calls
             init_table = _initial_table(init, nfe, schedule)
@@ -474,10 +486,31 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 table, history[nfe] = _learn_fixed_point(model_fn, pool, init_table, schedule, num_iters, batch_size,
                                                           weighting, sigma_data, strata, damping, tol, cond, uncond,
                                                           generator, progress, desc)
+            if held_out is not None:  # keep the learned table only if it generalises better than its start
+                losses = {name: _held_out_loss(model_fn, held_out, t, solver, batch_size, cond, uncond, schedule)
+                          for name, t in (("init", init_table), ("learned", table))}
+                kept = "learned" if losses["learned"] <= losses["init"] else "init"
+                validation[nfe] = {**losses, "kept": kept}
+                table = table if kept == "learned" else init_table
             tables[nfe] = validate_sigmas(table, schedule.sigma_min, schedule.sigma_max, name=f"learned {nfe}-step table")
             seconds[nfe] = time.perf_counter() - start
             num_evals[nfe] = model_fn.calls - calls_before
-        return ScheduleResult(tables, history, seconds, num_evals, settings, shared)
+        return ScheduleResult(tables, history, seconds, num_evals, settings, shared, validation)
+
+
+@torch.no_grad()
+def _held_out_loss(model_fn, pool, table, solver, batch_size, cond, uncond, schedule) -> float:
+    """The trajectory objective of `table` over every path of a held-out pool."""
+    sigmas = torch.as_tensor(table, dtype=pool.noise.dtype, device=pool.noise.device)
+    total = 0.0
+    for start in range(0, len(pool), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(pool)))
+        dev_idx = idx.to(pool.noise.device)
+        x_start = pool.noise[dev_idx] / schedule.native_scale(sigmas[0])
+        loss = objectives.trajectory_loss(model_fn, x_start, sigmas, pool.reference[dev_idx], solver,
+                                          extra_args=_extra_args(cond, uncond, idx))
+        total += float(loss) * len(idx)
+    return total / len(pool)
 
 
 def _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting, schedule, num_iters, batch_size, lr,
@@ -600,6 +633,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default="ddim_trailing",
                         help="table to start from: a baseline (ddim_trailing, karras, loguniform, ddim_leading) or "
                              "peer:<row> for a diffusers scheduler's own σ's (e.g. peer:unipc_bh2)")
+    parser.add_argument("--validation-size", type=int, default=0,
+                        help="held-out noises: keep a learned table only if it beats its start on them (0: off)")
     parser.add_argument("--learn-start", action="store_true",
                         help="learn σ_0 too (noise enters at σ_0 ≤ σ_max, as diffusers' leading spacings do)")
     parser.add_argument("--data", default=None, help="clean data for the bound: IDX file, .pt tensor or image folder")
@@ -629,6 +664,7 @@ def run(args: argparse.Namespace) -> int:
         denoiser, nfes=args.nfe, solver=args.solver, objective=args.objective, method=args.method,
         num_iters=args.max_iters, batch_size=batch_size, lr=args.lr, data=data,
         init=initial_tables(args.init, args.nfe, config), learn_start=args.learn_start,
+        validation_size=args.validation_size,
         reference_steps=reference_steps, seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, pool_size=args.pool_size or defaults["pool_size"])
