@@ -154,3 +154,24 @@ def test_fmnist_classifier_fixture_features():
     net = ev.load_fmnist_classifier("../shared/fixtures/fmnist-classifier")
     feats = ev.extract_features(net, torch.zeros(4, 1, 32, 32))
     assert feats.shape == (4, 256)
+
+
+def test_load_images_reads_idx_files_folders_and_tensors(tmp_path):
+    from diffusers_fewstep.data import load_images
+
+    images = np.zeros((5, 28, 28), dtype=np.uint8)
+    images[:, 14, 14] = 255
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    x = load_images(str(tmp_path), (1, 32, 32))  # a Fashion-MNIST folder: the train file, padded with −1
+    assert x.shape == (5, 1, 32, 32) and float(x[0, 0, 16, 16]) == 1.0 and float(x[0, 0, 0, 0]) == -1.0
+    assert load_images(str(tmp_path / "train-images-idx3-ubyte.gz"), (3, 16, 16), limit=2).shape == (2, 3, 16, 16)
+    torch.save(x[:2], tmp_path / "x.pt")
+    assert torch.equal(load_images(str(tmp_path / "x.pt"), (1, 32, 32)), x[:2])
+    import gzip
+
+    (tmp_path / "not_idx.gz").write_bytes(gzip.compress(b"\x00" * 32))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        load_images(str(tmp_path / "not_idx.gz"), (1, 32, 32))
+    with pytest.raises(FileNotFoundError, match="no images"):
+        (tmp_path / "empty").mkdir()
+        load_images(str(tmp_path / "empty"), (1, 8, 8))

@@ -111,13 +111,14 @@ def test_lora_output_loads_with_peft(tiny_pipeline, tmp_path):
     from peft import PeftModel
     from PIL import Image
 
-    from diffusers_fewstep.train import load_images, main, parse_args
+    from diffusers_fewstep.data import load_images
+    from diffusers_fewstep.train import main, parse_args
 
     data = tmp_path / "images"
     data.mkdir()
     for k in range(4):
         Image.fromarray(np.full((12, 12), 60 * k, np.uint8)).save(data / f"{k}.png")
-    images = load_images(str(data), 8, 1)
+    images = load_images(str(data), (1, 8, 8))
     assert images.shape == (4, 1, 8, 8) and float(images.min()) == -1.0 and float(images[3].mean()) > -0.5
     out = str(tmp_path / "lora")
     main(parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1",

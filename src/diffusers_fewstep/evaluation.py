@@ -14,7 +14,6 @@ for every row alike, samples are clamped to [-1, 1] before any metric, and
 from __future__ import annotations
 
 import contextlib
-import gzip
 import importlib.util
 import os
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import read_idx_images
 from .schedules import time_uniform_sigmas
 from .solvers import sample
 
@@ -138,20 +138,13 @@ def load_fmnist_classifier(folder: str, device="cpu"):
     return module.load_classifier(folder).to(device).eval()
 
 
-def _read_idx_images(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    n, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows, cols)
-
-
 def fmnist_images(folder: str, split: str = "test") -> torch.Tensor:
     """Fashion-MNIST IDX images as float (n, 1, 32, 32) in [-1, 1], padded with −1 (the fixture's space)."""
     prefix = "t10k" if split == "test" else "train"
     path = os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; install dataset-fashion-mnist (Debian) or pass --data")
-    x = torch.from_numpy(_read_idx_images(path).copy()).float().div(127.5).sub(1.0).unsqueeze(1)
+    x = torch.from_numpy(read_idx_images(path).copy()).float().div(127.5).sub(1.0).unsqueeze(1)
     return F.pad(x, (2, 2, 2, 2), value=-1.0)
 
 

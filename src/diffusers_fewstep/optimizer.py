@@ -565,48 +565,6 @@ def _learn_fixed_point(model_fn, pool, init_table, schedule, num_iters, batch_si
 
 
 # --- data for the bound ------------------------------------------------------------------------
-def load_data(path: str, sample_shape: Sequence[int], limit: Optional[int] = None) -> torch.Tensor:
-    """Clean samples in [-1, 1] shaped `(n, *sample_shape)` from an IDX file (`*-idx3-ubyte[.gz]`,
-    e.g. Fashion-MNIST), a `.pt` tensor, or a folder of images (centre-padded with −1 or resized)."""
-    import numpy as np
-
-    if os.path.isdir(path):
-        from PIL import Image
-
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
-        if not names:
-            raise ValueError(f"no images (.png, .jpg, …) in {path}")
-        mode = "L" if sample_shape[0] == 1 else "RGB"
-        arrays = [np.asarray(Image.open(os.path.join(path, n)).convert(mode)) for n in names[:limit]]
-        x = torch.from_numpy(np.stack(arrays)).float()
-        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    elif path.endswith(".pt"):
-        x = torch.load(path).float()
-        return x[:limit]
-    else:
-        import gzip
-
-        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-            raw = f.read()
-        if raw[2] != 8 or raw[3] != 3:
-            raise ValueError(f"{path} is not an IDX file of uint8 images (magic {raw[:4].hex()})")
-        n, h, w = (int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(3))
-        x = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, 1, h, w).copy()).float()
-        x = x[:limit]
-    x = x / 127.5 - 1
-    return _fit(x, sample_shape)
-
-
-def _fit(x: torch.Tensor, sample_shape) -> torch.Tensor:
-    channels, height, width = sample_shape
-    if x.shape[1] != channels:
-        x = x.mean(1, keepdim=True).expand(-1, channels, -1, -1) if channels != 1 else x.mean(1, keepdim=True)
-    dh, dw = height - x.shape[2], width - x.shape[3]
-    if dh >= 0 and dw >= 0:
-        return torch.nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), value=-1.0)
-    return torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True)
-
-
 # --- CLI ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `diffusers-fewstep optimize`."""
@@ -650,6 +608,7 @@ def run(args: argparse.Namespace) -> int:
     """`diffusers-fewstep optimize`: learn the tables and write OUT/scheduler/, OUT/schedule.png, OUT/optimize_log.json."""
     from .adapter import SigmaDenoiser
     from .benchmark import initial_tables
+    from .data import load_images
     from .hub import load_model_and_scheduler_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -659,7 +618,7 @@ def run(args: argparse.Namespace) -> int:
     model, config = load_model_and_scheduler_config(args.model)
     denoiser = SigmaDenoiser(model.to(device).eval(), config)
     sample_shape = _infer_sample_shape(denoiser)
-    data = load_data(args.data, sample_shape) if args.data else None
+    data = load_images(args.data, sample_shape) if args.data else None
     result = optimize_schedule(
         denoiser, nfes=args.nfe, solver=args.solver, objective=args.objective, method=args.method,
         num_iters=args.max_iters, batch_size=batch_size, lr=args.lr, data=data,

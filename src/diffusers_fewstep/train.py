@@ -30,6 +30,7 @@ import torch
 
 from . import DEFAULT_MODEL, solvers
 from .adapter import SigmaDenoiser
+from .data import load_images
 from .finetune import PHASE2_TARGETS, add_lora, ema_weights, make_teacher, phase2_loss, teacher_states
 
 logger = logging.getLogger(__name__)
@@ -128,33 +129,6 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 # --- data ---------------------------------------------------------------------------------------
-def load_images(path: str, resolution: int, channels: int) -> torch.Tensor:
-    """Images in [-1, 1] of shape (N, channels, resolution, resolution): Fashion-MNIST IDX files
-    (`train-images-idx3-ubyte.gz`, else `t10k-…`; padded to 32×32 as the fixture) or an image folder (resized)."""
-    import glob
-
-    import numpy as np
-
-    if glob.glob(os.path.join(path, "*-images-idx3-ubyte.gz")):
-        from .evaluation import fmnist_images
-
-        split = "train" if os.path.isfile(os.path.join(path, "train-images-idx3-ubyte.gz")) else "test"
-        images = fmnist_images(path, split)
-        if images.shape[-1] != resolution:
-            images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear")
-        return images.expand(-1, channels, -1, -1).contiguous()
-    from PIL import Image
-
-    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
-    if not files:
-        raise FileNotFoundError(f"no Fashion-MNIST IDX files or images in {path}")
-    mode = "L" if channels == 1 else "RGB"
-    arrays = [np.asarray(Image.open(f).convert(mode).resize((resolution, resolution), Image.BICUBIC)) for f in files]
-    images = torch.from_numpy(np.stack(arrays)).float().reshape(len(files), resolution, resolution, -1)
-    return (images.permute(0, 3, 1, 2) / 127.5 - 1).contiguous()
-
-
 def load_conditioning(path: Optional[str], device) -> Optional[torch.Tensor]:
     """Class labels from a file (one integer per line) for class-conditional models."""
     if path is None:
@@ -301,7 +275,7 @@ def main(args: argparse.Namespace) -> str:
         raise ValueError("--train_data_dir with --conditioning_file: dataset labels are not read; leave out "
                          "--train_data_dir (the denoising loss then uses the teacher's labelled samples)")
     if args.train_data_dir:
-        data = load_images(args.train_data_dir, args.sample_shape[1], args.sample_shape[0])
+        data = load_images(args.train_data_dir, args.sample_shape)
 
     # 2. resume, and the fixed evaluation set (teacher references)
     resume(accelerator, args)
