@@ -1,14 +1,7 @@
-import os
-
 import pytest
 import torch
 
 from diffusers_fewstep import DEFAULT_MODEL
-
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
-CLASSIFIER_DIR = os.path.join(SHARED, "fixtures", "fmnist-classifier")
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
