@@ -3,6 +3,7 @@ import torch
 
 from diffusers_fewstep import DEFAULT_MODEL
 
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """The test models are small: one thread runs them fastest, and spare OpenMP threads only spin when the
