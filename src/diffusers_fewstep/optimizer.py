@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import objectives
-from .schedules import baseline_sigmas, time_uniform_sigmas, validate_sigmas
+from .evaluation import REFERENCE_SOLVER, reference_sigmas
+from .schedules import baseline_sigmas, validate_sigmas
 from .solvers import canonical_solver, sample
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 OBJECTIVES = ("trajectory", "bound_propagated", "bound")
 METHODS = ("adam", "fixed_point")
 DEFAULT_LR = {"trajectory": 0.05, "bound_propagated": 0.05, "bound": 0.05}
-REFERENCE_SOLVER = "dpmpp_2m"  # the 200-step reference of BENCHMARK.md
 MAX_STEP_RATIO = 20.0
 # CLI defaults by device: the reference solves dominate the cost, and a CPU is ~100× slower
 GPU_DEFAULTS = {"batch_size": 128, "reference_steps": 200, "pool_size": None}
@@ -457,7 +457,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         start = time.perf_counter()
         pool = _Pool(pool_size, sample_shape, schedule.sigma_max, schedule, device, generator)
         if objective == "trajectory" or data is None:
-            ref_table = time_uniform_sigmas(reference_steps, schedule, "trailing").to(device=device, dtype=torch.float32)
+            ref_table = reference_sigmas(schedule, reference_steps).to(device=device, dtype=torch.float32)
             pool.reference = _reference_solves(full_fn, pool, ref_table, batch_size, cond, uncond, progress)
         if objective != "trajectory":
             if data is None:
