@@ -8,7 +8,7 @@ from torch import nn
 
 from diffusers_fewstep import solvers
 from diffusers_fewstep.adapter import NoiseSchedule, SigmaDenoiser
-from diffusers_fewstep.finetune import (add_lora, denoising_loss, make_teacher, phase2_loss, reference_grid,
+from diffusers_fewstep.finetune import (add_lora, denoising_loss, make_teacher, phase2_loss,
                                         step_loss_weights, step_target, teacher_states)
 from diffusers_fewstep.schedules import time_uniform_sigmas
 
@@ -40,19 +40,6 @@ class GaussianDenoiser(nn.Module):
 
 def four_step_table(schedule):
     return time_uniform_sigmas(4, schedule, "trailing").float()
-
-
-def test_reference_grid_passes_through_the_table():
-    schedule = NoiseSchedule(CONFIG)
-    table = torch.tensor([schedule.sigma_max, 7.3, 1.234, 0.2, 0.0], dtype=torch.float64)
-    grid, index = reference_grid(table, schedule, num_steps=50)
-    assert torch.all(grid[:-1] > grid[1:])
-    assert torch.allclose(grid[index], table)
-    fine = time_uniform_sigmas(50, schedule, "trailing")
-    assert float(grid[-1]) == 0.0 and float(grid[-2]) == pytest.approx(float(fine[-2]), rel=1e-6)
-    assert 50 <= len(grid) - 1 <= 54  # the fine grid plus at most the table's own entries
-    no_zero, index2 = reference_grid(table[:-1], schedule, num_steps=50)
-    assert float(no_zero[-1]) == pytest.approx(0.2) and torch.allclose(no_zero[index2], table[:-1])
 
 
 def test_teacher_states_follow_the_exact_trajectory_of_gaussian_data():

@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import read_idx_images
-from .schedules import time_uniform_sigmas
+from .reference import REFERENCE_SOLVER, REFERENCE_STEPS, autocast_context, reference_sigmas, solve, start_state
 from .solvers import sample
 
 NOISE_SEED = 1234
-REFERENCE_STEPS = 200
-REFERENCE_SOLVER = "dpmpp_2m"
 
 
 # --- noise and generation ---------------------------------------------------------------------
@@ -40,12 +38,6 @@ def noise_bank(n: int, shape: Sequence[int] = (1, 32, 32), seed: int = NOISE_SEE
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(n, *shape, device=device, generator=generator)
-
-
-def autocast_context(device, dtype: torch.dtype = torch.bfloat16):
-    """bf16 autocast on CUDA (as the peer script runs the UNet), a no-op elsewhere."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -65,7 +57,7 @@ def generate(denoiser, noise: torch.Tensor, sigmas, solver: str = "euler", batch
     out = []
     for start in range(0, len(noise), batch_size):
         # 1. σ-space start: x = ε / a(σ_0)
-        x = noise[start:start + batch_size] / schedule.native_scale(sigmas[0])
+        x = start_state(noise[start:start + batch_size], schedule, sigmas[0])
         # 2. solve; only the model call is autocast (solver arithmetic stays float32)
         with autocast_context(noise.device):
             x = sample(denoiser, x, sigmas, solver, extra_args=extra_args)
@@ -74,14 +66,10 @@ def generate(denoiser, noise: torch.Tensor, sigmas, solver: str = "euler", batch
     return torch.cat(out)
 
 
-def reference_sigmas(schedule, steps: int = REFERENCE_STEPS) -> torch.Tensor:
-    """The reference table: `steps` time-uniform ("trailing") steps, as diffusers' DPM++(2M) reference."""
-    return time_uniform_sigmas(steps, schedule, "trailing")
-
-
 def reference_samples(denoiser, noise: torch.Tensor, steps: int = REFERENCE_STEPS, batch_size: int = 2500):
-    """The many-step reference solution of the probability-flow ODE from `noise` (DPM-Solver++(2M))."""
-    return generate(denoiser, noise, reference_sigmas(denoiser.schedule, steps), REFERENCE_SOLVER, batch_size)
+    """The many-step reference samples from `noise` (:func:`diffusers_fewstep.reference.solve`), clamped to [-1, 1]."""
+    return torch.cat([solve(denoiser, noise[k:k + batch_size], steps).clamp(-1, 1)
+                      for k in range(0, len(noise), batch_size)])
 
 
 # --- metrics --------------------------------------------------------------------------------------

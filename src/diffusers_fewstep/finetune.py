@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from . import solvers
-from .adapter import NoiseSchedule, _bcast
-from .schedules import time_uniform_sigmas
+from .adapter import _bcast
+from .reference import trajectory
 
 PHASE2_TARGETS = ("interval_average", "trajectory")
 # layers of diffusers UNets that get LoRA adapters: attention projections, resnet convolutions,
@@ -43,55 +43,11 @@ LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ti
 
 
 # --- teacher trajectories ------------------------------------------------------------------
-def reference_grid(sigmas: torch.Tensor, schedule: NoiseSchedule, num_steps: int = 200) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A fine σ grid that contains every entry of `sigmas`, and the positions of those entries in it.
-
-    The grid is the benchmark reference's (`time_uniform_sigmas(num_steps, schedule, "trailing")`)
-    merged with the table, so a solve on it passes exactly through the scheduled σ's.
-    """
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-    fine = time_uniform_sigmas(num_steps, schedule, "trailing", final_zero=False)
-    fine = fine[fine < sigmas[0] * (1 - 1e-4)]  # σ_0 of the table starts the grid
-    positive = sigmas[sigmas > 0]
-    # drop fine points within 1e-4 (relative) of a table σ, then merge
-    close = ((fine[:, None] - positive[None, :]).abs() <= 1e-4 * positive[None, :]).any(1)
-    merged = torch.cat([fine[~close], positive]).sort(descending=True).values
-    if sigmas[-1] == 0:  # the last interval runs down the fine grid to σ_min, then to 0
-        merged = torch.cat([merged, merged.new_zeros(1)])
-    else:  # nothing below the table's final σ
-        merged = merged[merged >= positive[-1] * (1 - 1e-9)]
-    index = torch.stack([(merged - s).abs().argmin() for s in sigmas])
-    return merged, index
-
-
-@torch.no_grad()
 def teacher_states(teacher: Callable, noise: torch.Tensor, sigmas: torch.Tensor, num_steps: int = 200,
-                   solver: str = "dpmpp_2m", cond: Optional[dict] = None) -> torch.Tensor:
-    """The teacher's probability-flow trajectory at every scheduled σ.
-
-    Args:
-        teacher: the frozen teacher `D(x, sigma, cond=...)` in σ-space (a `SigmaDenoiser`).
-        noise (`torch.Tensor`): native initial noise ε of shape `(B, C, H, W)`.
-        sigmas (`torch.Tensor`): the table `[σ_0, …, σ_N]`.
-        num_steps (`int`, *optional*, defaults to 200): steps of the reference solve (the
-            benchmark's 200-step DPM-Solver++(2M) grid, merged with the table).
-        solver (`str`, *optional*, defaults to `"dpmpp_2m"`): the reference solver.
-        cond (`dict`, *optional*): conditioning kwargs passed to the teacher.
-
-    Returns:
-        `torch.Tensor` of shape `(N + 1, B, C, H, W)`: x(σ_i) in σ-space; entry 0 is the start
-        `ε / a(σ_0)` and, for a table ending in 0, entry N is the teacher's sample.
-    """
-    grid, index = reference_grid(sigmas, teacher.schedule, num_steps)
-    grid = grid.to(device=noise.device, dtype=torch.float32)
-    x = noise / teacher.schedule.native_scale(grid[0])
-    states, state, keep = [x], None, set(index[1:].tolist())
-    for k in range(len(grid) - 1):
-        denoised = teacher(x, grid[k], cond=cond)
-        x, state = solvers.step(solver, x, denoised, grid, k, state)
-        if k + 1 in keep:
-            states.append(x)
-    return torch.stack(states)
+                   cond: Optional[dict] = None) -> torch.Tensor:
+    """The frozen teacher's trajectory at every scheduled σ, `(N + 1, B, …)` in σ-space: the one reference
+    solve (:func:`diffusers_fewstep.reference.trajectory`, `num_steps` time-uniform steps merged with the table)."""
+    return trajectory(teacher, noise, sigmas, num_steps, extra_args={"cond": cond} if cond is not None else None)
 
 
 # --- targets and losses ---------------------------------------------------------------------

@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import objectives
-from .evaluation import REFERENCE_SOLVER, reference_sigmas
+from . import reference
+from .reference import REFERENCE_SOLVER
 from .schedules import baseline_sigmas, validate_sigmas
 from .solvers import canonical_solver, sample
 
@@ -171,6 +172,7 @@ class _CountingDenoiser:
     def __init__(self, denoiser, autocast_dtype=None, device_type="cpu", checkpointing=False):
         self.denoiser, self.autocast_dtype, self.device_type = denoiser, autocast_dtype, device_type
         self.checkpointing, self.calls = checkpointing, 0
+        self.schedule = denoiser.schedule
 
     def _call(self, x, sigma, extra):
         if self.autocast_dtype is None:
@@ -259,12 +261,11 @@ def _resolve_precision(mixed_precision, device) -> Optional[torch.dtype]:
 
 
 class _Pool:
-    """The training paths of a run, shared by every NFE: native noises, σ-space starts x_T, their
-    many-step references (trajectory objective, data-free x0) and the clean samples x0 (bound)."""
+    """The training paths of a run, shared by every NFE: native noises, their many-step references
+    (trajectory objective, data-free x0) and the clean samples x0 (bound)."""
 
-    def __init__(self, size, sample_shape, sigma_max, schedule, device, generator):
+    def __init__(self, size, sample_shape, device, generator):
         self.noise = torch.randn(size, *sample_shape, generator=generator).to(device)
-        self.x_T = self.noise / float(schedule.native_scale(torch.tensor(sigma_max)))
         self.path_noise = torch.randn(size, *sample_shape, generator=generator).to(device)  # ε of x0 + σ·ε
         self.reference = None
         self.x0 = None
@@ -274,12 +275,13 @@ class _Pool:
 
 
 @torch.no_grad()
-def _reference_solves(model_fn, pool, table, batch_size, cond, uncond, progress):
+def _reference_solves(model_fn, pool, steps, batch_size, cond, uncond, progress):
+    """The one reference solve (:func:`diffusers_fewstep.reference.solve`) of every path of the pool."""
     refs = []
     for start in tqdm(range(0, len(pool), batch_size), desc="reference solves", disable=not progress):
         idx = torch.arange(start, min(start + batch_size, len(pool)))
-        refs.append(sample(model_fn, pool.x_T[idx.to(pool.x_T.device)], table, REFERENCE_SOLVER,
-                           extra_args=_extra_args(cond, uncond, idx)).float())
+        refs.append(reference.solve(model_fn, pool.noise[idx.to(pool.noise.device)], steps,
+                                    extra_args=_extra_args(cond, uncond, idx)))
     return torch.cat(refs)
 
 
@@ -455,10 +457,9 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         # 2. the shared pool: noises, references (trajectory, or data-free x0), x0
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
-        pool = _Pool(pool_size, sample_shape, schedule.sigma_max, schedule, device, generator)
+        pool = _Pool(pool_size, sample_shape, device, generator)
         if objective == "trajectory" or data is None:
-            ref_table = reference_sigmas(schedule, reference_steps).to(device=device, dtype=torch.float32)
-            pool.reference = _reference_solves(full_fn, pool, ref_table, batch_size, cond, uncond, progress)
+            pool.reference = _reference_solves(full_fn, pool, reference_steps, batch_size, cond, uncond, progress)
         if objective != "trajectory":
             if data is None:
                 pool.x0 = pool.reference
@@ -467,9 +468,9 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 pool.x0 = data[pick].to(device=device, dtype=torch.float32)
         held_out = None
         if validation_size and objective == "trajectory":
-            held_out = _Pool(validation_size, sample_shape, schedule.sigma_max, schedule, device,
-                             torch.Generator().manual_seed(seed + 1))
-            held_out.reference = _reference_solves(full_fn, held_out, ref_table, batch_size, cond, uncond, progress)
+            held_out = _Pool(validation_size, sample_shape, device, torch.Generator().manual_seed(seed + 1))
+            held_out.reference = _reference_solves(full_fn, held_out, reference_steps, batch_size, cond, uncond,
+                                                   progress)
         shared = {"seconds": time.perf_counter() - start, "num_evals": full_fn.calls}
 
         # 3. one table per NFE
@@ -506,7 +507,7 @@ def _held_out_loss(model_fn, pool, table, solver, batch_size, cond, uncond, sche
     for start in range(0, len(pool), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(pool)))
         dev_idx = idx.to(pool.noise.device)
-        x_start = pool.noise[dev_idx] / schedule.native_scale(sigmas[0])
+        x_start = reference.start_state(pool.noise[dev_idx], schedule, sigmas[0])
         loss = objectives.trajectory_loss(model_fn, x_start, sigmas, pool.reference[dev_idx], solver,
                                           extra_args=_extra_args(cond, uncond, idx))
         total += float(loss) * len(idx)
@@ -530,7 +531,7 @@ def _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting, s
         if objective == "trajectory":
             sigmas = sigmas.to(dtype)
             # native noise enters at σ_0 (σ_max unless `learn_start`): x = ε / a(σ_0)
-            x_start = pool.noise[dev_idx] / schedule.native_scale(sigmas[0])
+            x_start = reference.start_state(pool.noise[dev_idx], schedule, sigmas[0])
             return objectives.trajectory_loss(model_fn, x_start, sigmas, pool.reference[dev_idx],
                                               solver, extra_args=extra)
         return objectives.bound(model_fn, pool.x0[dev_idx], pool.path_noise[dev_idx], sigmas.to(dtype), weighting,

@@ -24,9 +24,11 @@ from typing import Dict, Iterable, List, Sequence
 
 import torch
 
-from .evaluation import autocast_context, generate, noise_bank
+from . import reference
+from .evaluation import generate, noise_bank
+from .reference import autocast_context
 from .schedules import loguniform_sigmas, time_uniform_sigmas
-from .solvers import first_order_step, sample
+from .solvers import first_order_step
 
 # --- 1. diffusers schedulers ----------------------------------------------------------------------
 # name -> (diffusers class, config overrides), as in BENCHMARK.md's peer script
@@ -106,9 +108,9 @@ def dp_optimal_path(cost: torch.Tensor, num_steps: int, start: int = 0, end: int
 
 
 @torch.no_grad()
-def teacher_trajectories(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, solver: str = "dpmpp_2m",
-                         batch_size: int = 2500):
-    """States x_k (σ-space) at every grid σ_k and denoised D_k = D(x_k; σ_k) along a fine-grid solve.
+def teacher_trajectories(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, batch_size: int = 2500):
+    """States x_k (σ-space) at every grid σ_k and denoised D_k = D(x_k; σ_k) along the reference solve
+    (:func:`diffusers_fewstep.reference.solve`) on the grid `sigmas`.
 
     Returns `(states, denoised)` of shapes (M+1, n, ...) and (M, n, ...) for a grid of M steps.
     """
@@ -120,10 +122,9 @@ def teacher_trajectories(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, so
             ds.append(info["denoised"].float())
             xs.append(info["x"].float())
 
-        x = noise[start:start + batch_size] / denoiser.schedule.native_scale(sigmas[0])
-        with autocast_context(noise.device):
-            sample(denoiser, x, sigmas, solver, callback=record)
-        states.append(torch.stack([x.float()] + xs))
+        chunk = noise[start:start + batch_size]
+        reference.solve(denoiser, chunk, grid=sigmas, callback=record)
+        states.append(torch.stack([reference.start_state(chunk.float(), denoiser.schedule, sigmas[0])] + xs))
         denoised.append(torch.stack(ds))
     return torch.cat(states, 1), torch.cat(denoised, 1)
 
