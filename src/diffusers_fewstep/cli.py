@@ -7,7 +7,7 @@ import sys
 
 # subcommand -> module with `add_arguments(parser)` and `run(args)`
 COMMANDS = {
-    "optimize": ("diffusers_fewstep.optimizer", "learn σ tables for a model (Phase 1)"),
+    "optimize": ("diffusers_fewstep.optimize_cli", "learn σ tables for a model (Phase 1)"),
     "benchmark": ("diffusers_fewstep.benchmark", "side-by-side benchmark of samplers and learned tables"),
     "train": ("diffusers_fewstep.train",
               "alternate Phase 1 and Phase 2 (`accelerate launch scripts/train_fewstep.py` for several GPUs)"),

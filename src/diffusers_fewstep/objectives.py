@@ -3,7 +3,8 @@
 All objectives are differentiable with respect to the table `sigmas` (a 1-D tensor).
 The denoiser is any `D(x, sigma, **extra_args)` in σ-space (e.g. :class:`~diffusers_fewstep.SigmaDenoiser`).
 
-- :func:`trajectory_loss` — ‖solver(x_T; σ) − reference(x_T)‖², back-propagated through the
+- :func:`trajectory_loss` — the distance (:func:`endpoint_loss`: squared error, pseudo-Huber, or the
+  model's own features) between solver(x_T; σ) and reference(x_T), back-propagated through the
   solver; the default objective, valid for every solver in :mod:`~diffusers_fewstep.solvers`.
 - :func:`bound` — the first-order solver's discretization-error bound
   ``Σ_i c_i·‖∫_{u_i}^{u_{i+1}} (D(u) − D(u_i)) du‖`` (u = 1/σ) estimated by stratified Monte
@@ -25,23 +26,53 @@ from .solvers import sample
 WEIGHTINGS = ("literal", "propagated")
 
 
+LOSSES = ("l2", "pseudo_huber", "feature")
+
+
+def endpoint_loss(x: torch.Tensor, reference: torch.Tensor, loss: str = "l2", features=None, noise=None,
+                  cond: Optional[dict] = None) -> torch.Tensor:
+    """Per-sample distance between few-step endpoints and their references.
+
+    `l2`: mean squared error; `pseudo_huber`: √(MSE + c²) − c with c = 0.00054 (about the per-sample RMSE,
+    robust to outliers as in consistency training, arXiv 2310.14189); `feature`: the LPIPS-style distance in
+    the model's own features (:func:`~diffusers_fewstep.features.feature_distance`; needs `features`
+    and the feature `noise`), which sees blur where the squared error rewards it.
+    """
+    reference = reference.to(x.dtype)
+    if loss == "feature":
+        if features is None:
+            raise ValueError("loss='feature' needs the model's features (a denoiser with a diffusers model)")
+        from .features import feature_distance
+
+        return feature_distance(features, x, reference, noise, cond)
+    mse = (x - reference).pow(2).flatten(1).mean(1)
+    if loss == "l2":
+        return mse
+    if loss == "pseudo_huber":
+        return (mse + 0.00054**2).sqrt() - 0.00054
+    raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+
+
 def trajectory_loss(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, reference: torch.Tensor,
-                    solver: str = "euler", extra_args: Optional[dict] = None) -> torch.Tensor:
-    """Mean squared endpoint error of a few-step solve against a reference solution.
+                    solver: str = "euler", extra_args: Optional[dict] = None, loss: str = "l2", features=None,
+                    feature_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean endpoint loss of a few-step solve against a reference solution.
 
     Args:
         denoiser (`Callable`): `D(x, sigma, **extra_args)` in σ-space.
         x (`torch.Tensor`): σ-space initial states at `sigmas[0]`.
         sigmas (`torch.Tensor`): the table `[σ_0, …, σ_N]` (may require grad; usually ends in 0).
-        reference (`torch.Tensor`): the many-step solution from the same `x` to `sigmas[-1]`.
+        reference (`torch.Tensor`): the many-step solution from the same noise.
         solver (`str`, *optional*, defaults to `"euler"`): any solver of :mod:`~diffusers_fewstep.solvers`.
         extra_args (`dict`, *optional*): keyword arguments for the denoiser (conditioning).
+        loss (`str`, *optional*, defaults to `"l2"`): see :func:`endpoint_loss`; `features`/`feature_noise` for `feature`.
 
     Returns:
-        `torch.Tensor`: scalar, the squared error averaged over samples and elements.
+        `torch.Tensor`: scalar, the loss averaged over samples.
     """
     x_end = sample(denoiser, x, sigmas, solver, extra_args=extra_args)
-    return (x_end - reference.to(x_end.dtype)).pow(2).mean()
+    cond = (extra_args or {}).get("cond")
+    return endpoint_loss(x_end, reference, loss, features, feature_noise, cond).mean()
 
 
 def propagation_factors(sigmas: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:

@@ -1,21 +1,23 @@
-"""Phase 1: learn the σ table of a model for a solver and a step count (DESIGN.md §3, docs/method.md).
+"""Phase 1: learn a model's σ tables and keep, per step count, the best table (DESIGN.md §3, docs/method.md).
 
-    result = optimize_schedule(denoiser, nfes=[4, 6], solver="euler")
-    result.save("out", base_scheduler_config)   # out/scheduler/, out/schedule.png, out/optimize_log.json
+    result = optimize_schedule(denoiser, nfes=[4, 6])     # solver="auto": solver and table per step count
+    result.save("out", base_scheduler_config)             # out/scheduler/, out/schedule.png, out/optimize_log.json
 
-Two solvers of the objectives in :mod:`~diffusers_fewstep.objectives`:
+Per step count N:
 
-- `method="adam"`: gradient descent through the model on a monotone parameterisation
-  (:class:`MonotoneSigmas`), so every iterate is a valid table;
-- `method="fixed_point"`: the gradient-free iteration on the bound's stationarity condition
-  (forward passes only), for models too large to back-propagate through.
+1. candidates: the stock tables at N steps (diffusers' own schedulers' σ's and the hand-made baselines,
+   :func:`~diffusers_fewstep.schedules.stock_tables`) with every solver asked for, plus `init` and `existing`;
+2. each is scored on held-out noises against their reference solutions (:mod:`~diffusers_fewstep.selection`);
+3. the `starts` best are learned further: Adam through the solver on the training paths, both ends of
+   the table fixed (:class:`MonotoneSigmas`), and scored too;
+4. the best by `select_by` is kept, so the result is never worse, on that held-out measure, than any
+   stock table of the solvers asked for.
 
-Every NFE of a run shares one pool of initial noises, their many-step reference solutions and
-(data-free) the clean samples those give.
+The bound objectives (`bound_propagated`, `bound`) learn one table from `init` instead (gradient descent,
+or the gradient-free `fixed_point` iteration on the bound's stationarity condition).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -29,107 +31,111 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import objectives
-from . import reference
+from . import objectives, reference
 from .reference import REFERENCE_SOLVER
-from .schedules import baseline_sigmas, validate_sigmas
-from .solvers import canonical_solver, sample
+from .schedules import baseline_sigmas, stock_tables, validate_sigmas
+from .selection import Candidate, Paths, best, extra_args, score
+from .solvers import SOLVERS, canonical_solver
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("trajectory", "bound_propagated", "bound")
 METHODS = ("adam", "fixed_point")
-DEFAULT_LR = {"trajectory": 0.05, "bound_propagated": 0.05, "bound": 0.05}
-MAX_STEP_RATIO = 20.0
-# CLI defaults by device: the reference solves dominate the cost, and a CPU is ~100× slower
-GPU_DEFAULTS = {"batch_size": 128, "reference_steps": 200, "pool_size": None}
-CPU_DEFAULTS = {"batch_size": 8, "reference_steps": 50, "pool_size": 32}
-MIN_INCREMENT = 1e-4  # smallest share of the log-σ span one increment can take (divided by N)  # fixed point: largest change of one u-step relative to its neighbour per iteration
+MAX_STEP_RATIO = 20.0  # fixed point: largest change of one u-step relative to its neighbour per iteration
+MIN_INCREMENT = 1e-4  # smallest share of the log-σ span one increment can take (divided by their number)
 
 
 # --- the monotone parameterisation ------------------------------------------------------------
 class MonotoneSigmas(nn.Module):
-    """A σ table as a softmax over log-σ increments between fixed endpoints.
+    """A σ table as a softmax over log-σ increments between fixed ends.
 
-    ``log σ_i = log σ_max − span·Σ_{k<i} p_k`` with ``span = log σ_max − log σ_min`` and
-    ``p = floor + (1 − N·floor)·softmax(logits)`` (floor = 10⁻⁴/N keeps steps apart in floating point).
-    With `final_zero=True` (sampling tables) the N positive σ's are σ_0 … σ_{N−1}, the last logit
-    is the slack between σ_{N−1} and σ_min, and σ_N = 0. With `final_zero=False` (the bound) the
-    N increments end exactly at σ_N = σ_min. Every value of `logits` gives a strictly decreasing
-    table inside [σ_min, σ_max].
+    The positive entries σ_0 > … > σ_K of `init` are ``log σ_k = log σ_0 − span·Σ_{j<k} p_j`` with
+    ``p = floor + (1 − m·floor)·softmax(logits)`` (m increments, floor = 10⁻⁴/m keeps steps apart in floating
+    point). σ_0 stays where `init` has it. With `free_last=False` the span ends at σ_K, so both ends stay
+    and only the interior moves (as every published schedule learner does); with `free_last=True` it ends at
+    σ_min and the last logit is the slack between σ_K and σ_min, so σ_K moves too. A final 0 stays the final
+    entry. Every value of `logits` gives a strictly decreasing table inside [σ_min, σ_0].
 
     Args:
-        init (`Sequence[float]`): a valid table `[σ_0, …, σ_N]` to start from (σ_0 is replaced by
-            σ_max, a final σ ≤ σ_min by σ_min or 0).
-        sigma_min (`float`), sigma_max (`float`): the model's σ range.
-        final_zero (`bool`, *optional*, defaults to `True`): whether the table ends in 0.
-        learn_start (`bool`, *optional*, defaults to `False`): let σ_0 move below σ_max (the sample then
-            starts from native noise at σ_0, as diffusers' `leading` spacings do).
+        init (`Sequence[float]`): a valid table `[σ_0, …, σ_N]` to start from.
+        sigma_min (`float`): the model's smallest σ.
+        free_last (`bool`, *optional*, defaults to `False`): let the last positive σ move (tables ending in 0).
     """
 
-    def __init__(self, init: Sequence[float], sigma_min: float, sigma_max: float, final_zero: bool = True,
-                 learn_start: bool = False):
+    def __init__(self, init: Sequence[float], sigma_min: float, free_last: bool = False):
         super().__init__()
-        self.sigma_min, self.sigma_max, self.final_zero = float(sigma_min), float(sigma_max), final_zero
-        self.learn_start = learn_start
         table = torch.as_tensor([float(s) for s in init], dtype=torch.float64)
-        positive = table[:-1]  # the final entry is replaced by 0 or σ_min
-        logs = positive.clamp(sigma_min, sigma_max).log()
-        # with `learn_start`, σ_0 is free too: the first logit is the slack between σ_max and σ_0
-        logs = torch.cat([logs.new_tensor([math.log(sigma_max)]), logs if learn_start else logs[1:],
-                          logs.new_tensor([math.log(sigma_min)])])
-        self.span = math.log(sigma_max) - math.log(sigma_min)
+        self.final_zero = bool(table[-1] == 0)
+        self.free_last = free_last and self.final_zero
+        logs = (table[:-1] if self.final_zero else table).clamp(min=sigma_min).log()
+        if self.free_last:
+            logs = torch.cat([logs, logs.new_tensor([math.log(sigma_min)])])
+        self.log_start, self.span = float(logs[0]), float(logs[0] - logs[-1])
         n = len(logs) - 1
-        self.floor = MIN_INCREMENT / n  # every increment ≥ floor·span: strictly decreasing in floating point
-        fractions = ((logs[:-1] - logs[1:]) / self.span).clamp(min=10 * self.floor)
+        self.floor = MIN_INCREMENT / max(n, 1)
+        fractions = ((logs[:-1] - logs[1:]) / max(self.span, 1e-12)).clamp(min=10 * self.floor)
         fractions = fractions / fractions.sum()
         self.logits = nn.Parameter(((fractions - self.floor) / (1 - n * self.floor)).log())
 
     @property
-    def nfe(self) -> int:
-        return len(self.logits) - int(self.learn_start)
+    def learnable(self) -> bool:
+        """False when the ends leave nothing to move (fewer than two increments)."""
+        return len(self.logits) >= 2
 
     def forward(self) -> torch.Tensor:
         """The table (float64), differentiable w.r.t. `logits`."""
         n = len(self.logits)
         steps = self.span * (self.floor + (1 - n * self.floor) * self.logits.softmax(0))
-        logs = math.log(self.sigma_max) - torch.cat([steps.new_zeros(1), steps.cumsum(0)])
-        sigmas = logs[1:].exp() if self.learn_start else logs.exp()
-        if self.final_zero:
-            return torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
-        return torch.cat([sigmas[:-1], sigmas.new_tensor([self.sigma_min])])
+        sigmas = (self.log_start - torch.cat([steps.new_zeros(1), steps.cumsum(0)])).exp()
+        if self.free_last:
+            sigmas = sigmas[:-1]  # σ_min only bounded the slack
+        return torch.cat([sigmas, sigmas.new_zeros(1)]) if self.final_zero else sigmas
 
 
 # --- result ---------------------------------------------------------------------------------
 @dataclass
 class ScheduleResult:
-    """What :func:`optimize_schedule` learned.
+    """What :func:`optimize_schedule` learned and kept.
 
     Attributes:
-        tables (`dict[int, list[float]]`): `{nfe: [σ_0, …, σ_nfe]}`, plain floats, ending in 0.
-        history (`dict[int, list[float]]`): the objective per iteration (`fixed_point`: the largest
-            relative stationarity residual).
-        seconds (`dict[int, float]`): wall time of each table's optimisation loop.
-        num_evals (`dict[int, int]`): batched model calls of each loop (backward passes not counted).
+        tables (`dict[int, list[float]]`): `{nfe: [σ_0, …, σ_nfe]}`, plain floats: the kept table per NFE.
+        solvers (`dict[int, str]`): the solver each kept table is for.
+        candidates (`dict[int, list[dict]]`): every candidate per NFE with its held-out scores (`Candidate.to_dict`);
+            the kept one has `"kept": True`.
+        history (`dict[int, dict[str, list[float]]]`): the training objective per iteration of each learned
+            start (`fixed_point`: the largest relative stationarity residual).
+        seconds (`dict[int, float]`): wall time per NFE (scoring and learning).
+        num_evals (`dict[int, int]`): batched model calls per NFE (backward passes not counted).
         settings (`dict`): every setting of the run (JSON-able).
         shared (`dict`): the cost shared by all NFEs (reference solves): `seconds`, `num_evals`.
-        validation (`dict[int, dict]`): with `validation_size`, the held-out objective of the initial and
-            the learned table and which one was kept (`{"init": …, "learned": …, "kept": "learned"|"init"}`).
     """
 
     tables: Dict[int, List[float]]
-    history: Dict[int, List[float]]
+    solvers: Dict[int, str]
+    candidates: Dict[int, List[dict]]
+    history: Dict[int, Dict[str, List[float]]]
     seconds: Dict[int, float]
     num_evals: Dict[int, int]
     settings: Dict[str, Any]
     shared: Dict[str, Any] = field(default_factory=dict)
-    validation: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def solver(self) -> str:
+        """The default solver of the scheduler: the one most step counts kept."""
+        counts = {s: list(self.solvers.values()).count(s) for s in self.solvers.values()}
+        return max(sorted(counts), key=counts.get) if counts else canonical_solver("euler")
+
+    def nfe_record(self, nfe: int) -> dict:
+        """Provenance of one step count: the kept candidate and every candidate's held-out scores."""
+        kept = next(c for c in self.candidates[nfe] if c.get("kept"))
+        return {"solver": self.solvers[nfe], "kept": kept["name"], "source": kept["source"],
+                "select_by": self.settings["select_by"], "seconds": round(self.seconds[nfe], 2),
+                "candidates": [{k: c[k] for k in ("name", "solver", "source", "scores")} for c in self.candidates[nfe]]}
 
     def provenance(self, base_model: Optional[str] = None) -> dict:
-        prov = {"objective": self.settings["objective"], "method": self.settings["method"],
-                "solver": self.settings["solver"], "seconds": {str(k): round(v, 2) for k, v in self.seconds.items()},
-                "final_objective": {str(k): h[-1] for k, h in self.history.items() if h},
-                "settings": self.settings, "tool": "diffusers-fewstep optimize"}
+        prov = {"tool": "diffusers-fewstep optimize", "objective": self.settings["objective"],
+                "loss": self.settings["loss"], "select_by": self.settings["select_by"],
+                "per_nfe": {str(n): self.nfe_record(n) for n in self.tables}, "settings": self.settings}
         if self.settings.get("model_class"):
             prov["model_class"] = self.settings["model_class"]  # bundles are refused for another architecture
         if base_model is not None:
@@ -137,12 +143,12 @@ class ScheduleResult:
         return prov
 
     def to_scheduler(self, base_scheduler_config, provenance: Optional[dict] = None):
-        """A :class:`~diffusers_fewstep.LearnedScheduleScheduler` holding the learned tables."""
+        """A :class:`~diffusers_fewstep.LearnedScheduleScheduler` holding the kept tables and their solvers."""
         from .scheduler import LearnedScheduleScheduler
 
-        config = dict(base_scheduler_config)
         return LearnedScheduleScheduler.from_config(
-            config, sigma_tables={str(k): v for k, v in self.tables.items()}, solver=self.settings["solver"],
+            dict(base_scheduler_config), sigma_tables={str(k): v for k, v in self.tables.items()},
+            solver=self.solver, solvers={str(k): v for k, v in self.solvers.items()},
             provenance=provenance if provenance is not None else self.provenance())
 
     def save(self, output_dir: str, base_scheduler_config, base_model: Optional[str] = None) -> str:
@@ -153,15 +159,16 @@ class ScheduleResult:
         scheduler = self.to_scheduler(base_scheduler_config, self.provenance(base_model))
         scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
         plot_schedule_comparison(self.tables, scheduler.noise_schedule, os.path.join(output_dir, "schedule.png"),
-                                 title=f"{self.settings['solver']} · {self.settings['objective']}")
+                                 title=f"kept tables · {self.settings['loss']} loss · {self.settings['select_by']}")
         log = {"base_model": base_model, "tables": {str(k): v for k, v in self.tables.items()},
+               "solvers": {str(k): v for k, v in self.solvers.items()},
+               "candidates": {str(k): v for k, v in self.candidates.items()},
                "history": {str(k): v for k, v in self.history.items()},
                "seconds": {str(k): v for k, v in self.seconds.items()},
                "num_evals": {str(k): v for k, v in self.num_evals.items()},
-               "shared": self.shared, "validation": {str(k): v for k, v in self.validation.items()},
-               "settings": self.settings}
+               "shared": self.shared, "settings": self.settings}
         with open(os.path.join(output_dir, "optimize_log.json"), "w") as f:
-            json.dump(log, f, indent=2)
+            json.dump(log, f, indent=1)
         return output_dir
 
 
@@ -189,28 +196,6 @@ class _CountingDenoiser:
         return self._call(x, sigma, extra)
 
 
-def _select_cond(cond: Optional[dict], idx: torch.Tensor) -> Optional[dict]:
-    """Per-batch conditioning: tensors with one row are broadcast, others indexed (cyclically) by sample."""
-    if cond is None:
-        return None
-    out = {}
-    for key, value in cond.items():
-        if torch.is_tensor(value) and value.ndim > 0:
-            rows = value.shape[0]
-            value = value.expand(len(idx), *value.shape[1:]) if rows == 1 else value[idx.to(value.device) % rows]
-        out[key] = value
-    return out
-
-
-def _extra_args(cond, uncond, idx):
-    extra = {}
-    if cond is not None:
-        extra["cond"] = _select_cond(cond, idx)
-    if uncond is not None:
-        extra["uncond"] = _select_cond(uncond, idx)
-    return extra
-
-
 def _infer_sample_shape(denoiser) -> tuple:
     shape = getattr(denoiser, "sample_shape", None)
     if shape is not None:
@@ -223,14 +208,15 @@ def _infer_sample_shape(denoiser) -> tuple:
     raise ValueError("cannot infer the sample shape from the denoiser; pass sample_shape=(C, H, W)")
 
 
-def _initial_table(init, nfe: int, schedule) -> List[float]:
+def _init_tables(init, nfe: int, schedule) -> Optional[List[float]]:
+    """`init` at `nfe` steps: a baseline name, a table, or `{nfe: table}` (None when it has no such entry)."""
+    if init is None:
+        return None
     if isinstance(init, str):
         return baseline_sigmas(init, nfe, schedule).tolist()
     if isinstance(init, dict):
-        table = init.get(nfe, init.get(str(nfe)))
-        if table is None:
-            raise ValueError(f"init has no table for {nfe} steps (it has {sorted(init)})")
-        init = table
+        init = init.get(nfe, init.get(str(nfe)))
+        return None if init is None else [float(s) for s in init]
     table = [float(s) for s in init]
     if len(table) != nfe + 1:
         raise ValueError(f"init table has {len(table)} entries; {nfe} steps need {nfe + 1}")
@@ -260,31 +246,6 @@ def _resolve_precision(mixed_precision, device) -> Optional[torch.dtype]:
     return dtypes[mixed_precision]
 
 
-class _Pool:
-    """The training paths of a run, shared by every NFE: native noises, their many-step references
-    (trajectory objective, data-free x0) and the clean samples x0 (bound)."""
-
-    def __init__(self, size, sample_shape, device, generator):
-        self.noise = torch.randn(size, *sample_shape, generator=generator).to(device)
-        self.path_noise = torch.randn(size, *sample_shape, generator=generator).to(device)  # ε of x0 + σ·ε
-        self.reference = None
-        self.x0 = None
-
-    def __len__(self):
-        return self.noise.shape[0]
-
-
-@torch.no_grad()
-def _reference_solves(model_fn, pool, steps, batch_size, cond, uncond, progress):
-    """The one reference solve (:func:`diffusers_fewstep.reference.solve`) of every path of the pool."""
-    refs = []
-    for start in tqdm(range(0, len(pool), batch_size), desc="reference solves", disable=not progress):
-        idx = torch.arange(start, min(start + batch_size, len(pool)))
-        refs.append(reference.solve(model_fn, pool.noise[idx.to(pool.noise.device)], steps,
-                                    extra_args=_extra_args(cond, uncond, idx)))
-    return torch.cat(refs)
-
-
 def _batches(n, batch_size, generator):
     """Endless mini-batches of indices into a pool of n, reshuffled every epoch."""
     while True:
@@ -297,7 +258,7 @@ def _adam(loss_fn, param: MonotoneSigmas, num_iters, lr, patience, bar):
     """Adam on the logits with a cosine learning-rate decay to lr/10; early stopping on an EMA."""
     opt = torch.optim.Adam(param.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(num_iters, 1), eta_min=lr / 10)
-    history, ema, best, since = [], None, math.inf, 0
+    history, ema, best_ema, since = [], None, math.inf, 0
     for _ in bar:
         loss = loss_fn(param())
         opt.zero_grad(set_to_none=True)
@@ -308,8 +269,8 @@ def _adam(loss_fn, param: MonotoneSigmas, num_iters, lr, patience, bar):
         history.append(value)
         ema = value if ema is None else 0.9 * ema + 0.1 * value
         bar.set_postfix(objective=f"{value:.4g}", smoothed=f"{ema:.4g}")
-        if ema < best * (1 - 1e-3):
-            best, since = ema, 0
+        if ema < best_ema * (1 - 1e-3):
+            best_ema, since = ema, 0
         else:
             since += 1
         if patience is not None and since >= patience:
@@ -348,76 +309,149 @@ def _fixed_point(targets_fn, table: Sequence[float], num_iters, tol, damping, ba
     return (1 / (u[0] + torch.cat([steps.new_zeros(1), steps.cumsum(0)]))).tolist(), history
 
 
+# --- learning one table -------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What every learner of one `optimize_schedule` call shares."""
+
+    model_fn: Any
+    pool: Paths
+    schedule: Any
+    features: Any
+    settings: dict
+    generator: torch.Generator
+    progress: bool
+
+
+def _learn_trajectory(run: _Run, start: Candidate) -> tuple:
+    """Adam on the table `start` (ends fixed) through its solver, against the pool's references."""
+    s = run.settings
+    param = MonotoneSigmas(start.table, run.schedule.sigma_min, s["free_last"]).to(run.pool.noise.device)
+    if not param.learnable:
+        return list(start.table), []
+    batches = _batches(len(run.pool), min(s["batch_size"], len(run.pool)), run.generator)
+    pool = run.pool
+
+    def loss_fn(sigmas):
+        idx = next(batches)
+        dev = idx.to(pool.noise.device)
+        sigmas = sigmas.to(pool.noise.dtype)
+        x = reference.start_state(pool.noise[dev], run.schedule, sigmas[0])
+        return objectives.trajectory_loss(run.model_fn, x, sigmas, pool.reference[dev], start.solver,
+                                          extra_args(pool.cond, pool.uncond, idx), s["loss"], run.features,
+                                          pool.path_noise[dev])
+
+    bar = tqdm(range(s["num_iters"]), desc=f"NFE {len(start.table) - 1} · learn from {start.name}",
+               disable=not run.progress)
+    return _adam(loss_fn, param, s["num_iters"], s["lr"], s["patience"], bar)
+
+
+def _learn_bound(run: _Run, init_table: List[float]) -> tuple:
+    """The first-order solver's error bound from `init_table` (σ_0 = σ_max, ending at σ_min), by Adam or
+    the fixed-point iteration; the sampling table then takes its last step to 0."""
+    s, pool, schedule = run.settings, run.pool, run.schedule
+    weighting = "literal" if s["objective"] == "bound" else "propagated"
+    table = [schedule.sigma_max] + list(init_table[1:-1]) + [schedule.sigma_min]
+    table = MonotoneSigmas(table, schedule.sigma_min)().tolist()
+    bar = tqdm(range(s["num_iters"]), desc=f"NFE {len(table) - 1} · {s['objective']}", disable=not run.progress)
+    if s["method"] == "fixed_point":
+        # common random numbers: the same paths and stratum offsets at every iteration
+        idx = torch.arange(min(s["batch_size"], len(pool)))
+        dev = idx.to(pool.noise.device)
+        x0, noise, extra = pool.x0[dev], pool.path_noise[dev], extra_args(pool.cond, pool.uncond, idx)
+        offsets = torch.rand(len(table) - 1, s["strata"], len(idx), generator=run.generator, dtype=torch.float64)
+
+        def targets_fn(sigmas):
+            return objectives.stationarity_targets(run.model_fn, x0, noise, sigmas.to(x0.device), weighting,
+                                                   s["sigma_data"], strata=s["strata"], offsets=offsets,
+                                                   extra_args=extra).cpu()
+
+        table, history = _fixed_point(targets_fn, table, s["num_iters"], s["tol"], s["damping"], bar)
+    else:
+        param = MonotoneSigmas(table, schedule.sigma_min).to(pool.noise.device)
+        batches = _batches(len(pool), min(s["batch_size"], len(pool)), run.generator)
+
+        def loss_fn(sigmas):
+            idx = next(batches)
+            dev = idx.to(pool.noise.device)
+            return objectives.bound(run.model_fn, pool.x0[dev], pool.path_noise[dev], sigmas.to(pool.noise.dtype),
+                                    weighting, s["sigma_data"], s["strata"], generator=run.generator,
+                                    extra_args=extra_args(pool.cond, pool.uncond, idx))
+
+        table, history = _adam(loss_fn, param, s["num_iters"], s["lr"], s["patience"], bar)
+    table[-1] = 0.0  # the bound ends at σ_min; sampling takes the last step to 0 (DESIGN.md §3)
+    return table, history
+
+
 # --- the API --------------------------------------------------------------------------------
-def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 6), solver: str = "euler",
-                      objective: str = "trajectory", method: str = "adam", num_iters: int = 150,
-                      batch_size: int = 128, lr: Optional[float] = None, data: Optional[torch.Tensor] = None,
+def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 6), solver: str = "auto",
+                      objective: str = "trajectory", loss: str = "feature", select_by: str = "fd_self",
+                      starts: int = 2, free_last: bool = False, method: str = "adam", num_iters: int = 60,
+                      batch_size: int = 64, lr: float = 0.05, validation_size: int = 512,
+                      pool_size: Optional[int] = None, data: Optional[torch.Tensor] = None,
                       cond: Optional[dict] = None, uncond: Optional[dict] = None,
-                      sample_shape: Optional[Sequence[int]] = None, init: Union[str, dict, Sequence[float]] = "ddim_trailing",
-                      reference_steps: int = 200, seed: int = 0, device: Optional[Union[str, torch.device]] = None,
-                      progress: bool = True, patience: Optional[int] = 30, mixed_precision: Optional[str] = None,
-                      gradient_checkpointing: bool = False, pool_size: Optional[int] = None,
-                      sigma_data: float = 0.5, strata: int = 1, damping: float = 0.5,
-                      tol: float = 1e-3, learn_start: bool = False,
-                      reference_denoiser: Optional[Callable] = None, validation_size: int = 0) -> ScheduleResult:
-    """Learn one σ table per step count for `denoiser` and `solver` (Phase 1, DESIGN.md §3).
+                      sample_shape: Optional[Sequence[int]] = None, init: Union[None, str, dict, Sequence[float]] = None,
+                      existing: Optional[Dict[int, tuple]] = None, reference_steps: int = 200, seed: int = 0,
+                      device: Optional[Union[str, torch.device]] = None, progress: bool = True,
+                      patience: Optional[int] = 30, mixed_precision: Optional[str] = None,
+                      gradient_checkpointing: bool = False, sigma_data: float = 0.5, strata: int = 1,
+                      damping: float = 0.5, tol: float = 1e-3, reference_denoiser: Optional[Callable] = None,
+                      on_table: Optional[Callable[[int, "ScheduleResult"], None]] = None) -> ScheduleResult:
+    """Learn and select one σ table (and solver) per step count for `denoiser` (Phase 1, DESIGN.md §3).
 
     Args:
         denoiser (`Callable`): `D(x, sigma, cond=None, uncond=None)` in σ-space with a `.schedule`
             (:class:`~diffusers_fewstep.NoiseSchedule`), e.g. :class:`~diffusers_fewstep.SigmaDenoiser`.
         nfes (`int` or `list[int]`, *optional*, defaults to `(4, 6)`): step counts (model evaluations).
-        solver (`str`, *optional*, defaults to `"euler"`): the solver the tables are for (`euler` ≡ DDIM,
-            `dpmpp_2m`, `unipc`, `ipndm`); the bound objectives describe the first-order solver only.
-        objective (`str`, *optional*, defaults to `"trajectory"`): `trajectory` (endpoint error against
-            a `reference_steps` DPM-Solver++(2M) solution, back-propagated through the solver),
-            `bound_propagated` (the bound with propagation weights) or `bound` (the literal bound; degenerate).
-        method (`str`, *optional*, defaults to `"adam"`): `adam` (gradients through the model) or
-            `fixed_point` (forward passes only; bound objectives).
-        num_iters (`int`, *optional*, defaults to 150): iterations per table (an upper limit with `patience`).
-        batch_size (`int`, *optional*, defaults to 128): paths per iteration (and per reference batch).
-        lr (`float`, *optional*): Adam learning rate on the logits (default 0.05), cosine-decayed to lr/10.
-        data (`torch.Tensor`, *optional*): clean samples x0 (model-native scale) for the bound; without
-            it the bound uses the model's own `reference_steps` samples (data-free). Unused by `trajectory`.
-        cond (`dict`, *optional*): model keyword arguments passed to the denoiser as `cond` (e.g.
-            `encoder_hidden_states`, `class_labels`); tensors with one row are broadcast, others are
-            taken row by row (cyclically) for the training paths. `uncond`: the same for guidance.
-        sample_shape (`tuple`, *optional*): shape of one sample; read from `denoiser.sample_shape` or
-            the model config (`in_channels`, `sample_size`) when not given.
-        init (`str`, `dict` or `list`, *optional*, defaults to `"ddim_trailing"`): the starting table:
-            a baseline name of :func:`~diffusers_fewstep.schedules.baseline_sigmas`, a table, or `{nfe: table}`.
-        reference_steps (`int`, *optional*, defaults to 200): steps of the reference solver
-            (DPM-Solver++(2M), DDIM-trailing spacing).
+        solver (`str`, *optional*, defaults to `"auto"`): `auto` (every solver competes per step count) or one
+            of `euler` (≡ DDIM), `dpmpp_2m`, `unipc`, `ipndm`.
+        objective (`str`, *optional*, defaults to `"trajectory"`): `trajectory` (the endpoint `loss` against a
+            `reference_steps` reference solve, back-propagated through the solver), or the first-order bound
+            (`bound_propagated`; `bound`, the literal and degenerate one), learned from `init` (default
+            `ddim_trailing`) with the first-order solver.
+        loss (`str`, *optional*, defaults to `"feature"`): the trajectory objective's endpoint loss: `feature`
+            (the model's own features, :mod:`~diffusers_fewstep.features`), `l2` or `pseudo_huber`.
+        select_by (`str`, *optional*, defaults to `"fd_self"`): the held-out measure that picks the kept table
+            (:data:`~diffusers_fewstep.selection.MEASURES`: `fd_self`, `feature`, `rmse`).
+        starts (`int`, *optional*, defaults to 2): how many of the best-scoring candidates are learned further.
+        free_last (`bool`, *optional*, defaults to `False`): also learn the last positive σ (tables ending in 0);
+            by default both ends of each start table stay fixed.
+        method (`str`, *optional*, defaults to `"adam"`): bound objectives: `adam` or `fixed_point`.
+        num_iters (`int`, *optional*, defaults to 60): iterations per learned table (an upper limit with `patience`).
+        batch_size (`int`, *optional*, defaults to 64): paths per iteration (and per scoring/reference batch ×4).
+        lr (`float`, *optional*, defaults to 0.05): Adam learning rate on the logits, cosine-decayed to lr/10.
+        validation_size (`int`, *optional*, defaults to 512): held-out noises (seed + 1) that score every
+            candidate; 0 skips scoring and returns the table learned from `init` (with `solver`, not `auto`).
+        pool_size (`int`, *optional*): training paths shared by all NFEs; defaults to `min(8·batch_size, 1024)`.
+        data (`torch.Tensor`, *optional*): clean samples x0 for the bound (default: the model's own samples).
+        cond, uncond (`dict`, *optional*): model keyword arguments passed to the denoiser (`cond`, and
+            `uncond` for guidance); tensors with one row are broadcast, others are cycled over the paths.
+        sample_shape (`tuple`, *optional*): shape of one sample (read from the model config when not given).
+        init (`str`, `dict` or `list`, *optional*): one more candidate (a baseline name, a table or
+            `{nfe: table}`), e.g. the previous round's tables; the start of the bound objectives.
+        existing (`dict[int, tuple]`, *optional*): `{nfe: (table, solver)}` already saved in the output folder:
+            candidates too, so a table is replaced only by a better one.
+        reference_steps (`int`, *optional*, defaults to 200): steps of the reference solve.
         seed (`int`, *optional*, defaults to 0): seeds every random draw (results are deterministic).
         device (`str`, *optional*): where to run; defaults to the denoiser's device.
-        progress (`bool`, *optional*, defaults to `True`): tqdm bars with the current objective.
-        patience (`int`, *optional*, defaults to 30): stop a table after this many iterations without a
-            0.1% improvement of the smoothed (EMA 0.9) objective; `None` disables early stopping.
-        mixed_precision (`str`, *optional*): `"no"`, `"bf16"` or `"fp16"` autocast of the model calls of
-            the optimisation (references stay in full precision); defaults to bf16 on CUDA, off on CPU.
-        gradient_checkpointing (`bool`, *optional*, defaults to `False`): recompute each model call in the
-            backward pass instead of storing its activations (memory for time).
-        pool_size (`int`, *optional*): number of training paths (noises with references) shared by
-            all NFEs; defaults to `min(8·batch_size, 1024)` (at least `batch_size`).
-        sigma_data (`float`, *optional*, defaults to 0.5): σ_d of the propagation weights.
-        strata (`int`, *optional*, defaults to 1): Monte-Carlo samples per interval of the bound.
-        damping (`float`, *optional*, defaults to 0.5): fixed point: mixing weight of the new steps.
-        tol (`float`, *optional*, defaults to 1e-3): fixed point: stop when the largest relative
-            stationarity residual is below it.
-        learn_start (`bool`, *optional*, defaults to `False`): trajectory objective: learn σ_0 too (native
-            noise then enters at σ_0 ≤ σ_max, as in diffusers' `leading` spacings); the reference still
-            starts at σ_max.
-        reference_denoiser (`Callable`, *optional*): the model whose many-step solutions are the targets
-            (reference and data-free x0); defaults to `denoiser`. After Phase 2 this is the frozen teacher, so
-            the tuned model's tables are fitted to the teacher's trajectories, not to its own.
-        validation_size (`int`, *optional*, defaults to 0): trajectory objective: this many held-out noises
-            (seed + 1) with their own references; after learning, a table is kept only if its held-out
-            objective beats the initial table's, otherwise the initial table is returned (`result.validation`).
+        progress (`bool`, *optional*, defaults to `True`): tqdm bars.
+        patience (`int`, *optional*, defaults to 30): stop a table after this many iterations without a 0.1%
+            improvement of the smoothed (EMA 0.9) objective; `None` disables early stopping.
+        mixed_precision (`str`, *optional*): `"no"`, `"bf16"` or `"fp16"` autocast of the model calls (default
+            bf16 on CUDA, off on CPU).
+        gradient_checkpointing (`bool`, *optional*, defaults to `False`): recompute each model call in backward.
+        sigma_data, strata, damping, tol: the bound's σ_d, Monte-Carlo strata, and the fixed point's damping
+            and tolerance.
+        reference_denoiser (`Callable`, *optional*): the model whose reference solves are the targets (after
+            Phase 2: the frozen teacher); defaults to `denoiser`.
+        on_table (`Callable`, *optional*): called as `on_table(nfe, result_so_far)` after each step count (e.g.
+            to save it at once).
 
     Returns:
         :class:`ScheduleResult`
     """
     # 1. settings
-    solver = canonical_solver(solver)
+    solver_list = list(SOLVERS) if solver == "auto" else [canonical_solver(solver)]
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
     if method not in METHODS:
@@ -425,8 +459,10 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
     if method == "fixed_point" and objective == "trajectory":
         raise ValueError("method='fixed_point' solves the bound's stationarity condition; use "
                          "objective='bound_propagated' (or 'bound'), or method='adam' for 'trajectory'")
-    if objective == "trajectory" and data is not None:
-        logger.warning("`data` is unused by the trajectory objective (it needs only noise); it feeds the bound objectives")
+    if loss not in objectives.LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {list(objectives.LOSSES)}")
+    if not validation_size and solver == "auto":
+        raise ValueError("solver='auto' picks the solver on held-out noises; give validation_size > 0 or a solver")
     nfes = [int(nfes)] if isinstance(nfes, int) else [int(n) for n in nfes]
     if not nfes or min(nfes) < 1:
         raise ValueError(f"nfes must be positive step counts, got {nfes}")
@@ -436,201 +472,106 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
     device = torch.device(device)
     schedule = denoiser.schedule
     sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(denoiser)
-    lr = DEFAULT_LR[objective] if lr is None else lr
     pool_size = pool_size or max(batch_size, min(8 * batch_size, 1024))
-    weighting = "literal" if objective == "bound" else "propagated"
     model_fn = _CountingDenoiser(denoiser, _resolve_precision(mixed_precision, device), device.type,
                                  gradient_checkpointing)
     full_fn = _CountingDenoiser(reference_denoiser or denoiser)
-    settings = {"nfes": nfes, "solver": solver, "objective": objective, "method": method, "num_iters": num_iters,
-                "batch_size": batch_size, "lr": lr, "init": init if isinstance(init, str) else "custom",
+    needs_features = loss == "feature" or (validation_size and select_by in ("feature", "fd_self"))
+    features = _features(denoiser, model_fn.autocast_dtype) if needs_features else None
+    settings = {"nfes": nfes, "solver": solver, "objective": objective, "loss": loss, "select_by": select_by,
+                "starts": starts, "free_last": free_last, "method": method, "num_iters": num_iters,
+                "batch_size": batch_size, "lr": lr, "validation_size": validation_size, "pool_size": pool_size,
+                "init": init if isinstance(init, str) or init is None else "custom",
                 "reference_steps": reference_steps, "reference_solver": REFERENCE_SOLVER, "seed": seed,
                 "patience": patience, "mixed_precision": str(model_fn.autocast_dtype or "no"),
-                "gradient_checkpointing": gradient_checkpointing, "pool_size": pool_size,
+                "gradient_checkpointing": gradient_checkpointing, "sigma_data": sigma_data, "strata": strata,
+                "damping": damping, "tol": tol, "sample_shape": list(sample_shape), "device": str(device),
                 "x0_source": "none" if objective == "trajectory" else ("data" if data is not None else "model"),
-                "sigma_data": sigma_data, "strata": strata, "damping": damping, "tol": tol,
-                "sample_shape": list(sample_shape), "device": str(device), "noise_schedule": schedule.describe(),
-                "model_class": type(getattr(denoiser, "model", denoiser)).__name__,
-                "validation_size": validation_size, "learn_start": learn_start, "reference_model": "teacher" if reference_denoiser is not None else "self"}
+                "noise_schedule": schedule.describe(), "model_class": type(getattr(denoiser, "model", denoiser)).__name__,
+                "reference_model": "teacher" if reference_denoiser is not None else "self"}
 
     with _frozen(denoiser):  # gradients flow to the table only; the model's flags are restored after
-        # 2. the shared pool: noises, references (trajectory, or data-free x0), x0
+        # 2. the paths: training pool and held-out set, with their reference solves
+        start_time = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
-        start = time.perf_counter()
-        pool = _Pool(pool_size, sample_shape, device, generator)
+        pool = Paths(pool_size, sample_shape, device, generator, cond, uncond)
         if objective == "trajectory" or data is None:
-            pool.reference = _reference_solves(full_fn, pool, reference_steps, batch_size, cond, uncond, progress)
+            pool.solve_references(full_fn, reference_steps, batch_size, progress)
         if objective != "trajectory":
-            if data is None:
-                pool.x0 = pool.reference
-            else:
-                pick = torch.randint(0, data.shape[0], (pool_size,), generator=generator)
-                pool.x0 = data[pick].to(device=device, dtype=torch.float32)
+            pick = torch.randint(0, len(data), (pool_size,), generator=generator) if data is not None else None
+            pool.x0 = pool.reference if data is None else data[pick].to(device=device, dtype=torch.float32)
         held_out = None
-        if validation_size and objective == "trajectory":
-            held_out = _Pool(validation_size, sample_shape, device, torch.Generator().manual_seed(seed + 1))
-            held_out.reference = _reference_solves(full_fn, held_out, reference_steps, batch_size, cond, uncond,
-                                                   progress)
-        shared = {"seconds": time.perf_counter() - start, "num_evals": full_fn.calls}
+        if validation_size:
+            held_out = Paths(validation_size, sample_shape, device, torch.Generator().manual_seed(seed + 1), cond, uncond)
+            held_out.solve_references(full_fn, reference_steps, 4 * batch_size, progress)
+            if features is not None:
+                held_out.featurize_references(features, 4 * batch_size)
+        shared = {"seconds": time.perf_counter() - start_time, "num_evals": full_fn.calls}
+        run = _Run(model_fn, pool, schedule, features, settings, generator, progress)
+        result = ScheduleResult({}, {}, {}, {}, {}, {}, settings, shared)
 
-        # 3. one table per NFE
-        tables, history, seconds, num_evals, validation = {}, {}, {}, {}, {}
+        # 3. one kept table per NFE
         for nfe in nfes:
-            start, calls_before = time.perf_counter(), model_fn.calls
-            init_table = _initial_table(init, nfe, schedule)
-            desc = f"NFE {nfe} · {objective} · {method}"
-            if method == "adam":
-                table, history[nfe] = _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting,
-                                                   schedule, num_iters, batch_size, lr, patience, sigma_data, strata,
-                                                   cond, uncond, generator, progress, desc, learn_start)
-            else:
-                table, history[nfe] = _learn_fixed_point(model_fn, pool, init_table, schedule, num_iters, batch_size,
-                                                          weighting, sigma_data, strata, damping, tol, cond, uncond,
-                                                          generator, progress, desc)
-            if held_out is not None:  # keep the learned table only if it generalises better than its start
-                losses = {name: _held_out_loss(model_fn, held_out, t, solver, batch_size, cond, uncond, schedule)
-                          for name, t in (("init", init_table), ("learned", table))}
-                kept = "learned" if losses["learned"] <= losses["init"] else "init"
-                validation[nfe] = {**losses, "kept": kept}
-                table = table if kept == "learned" else init_table
-            tables[nfe] = validate_sigmas(table, schedule.sigma_min, schedule.sigma_max, name=f"learned {nfe}-step table")
-            seconds[nfe] = time.perf_counter() - start
-            num_evals[nfe] = model_fn.calls - calls_before
-        return ScheduleResult(tables, history, seconds, num_evals, settings, shared, validation)
+            start_time, calls = time.perf_counter(), model_fn.calls
+            candidates, history = _candidates_for(nfe, run, solver_list, init, existing, held_out)
+            chosen = best(candidates, select_by) if held_out is not None else candidates[-1]
+            result.tables[nfe] = validate_sigmas(chosen.table, schedule.sigma_min, schedule.sigma_max,
+                                                 name=f"kept {nfe}-step table")
+            result.solvers[nfe] = chosen.solver
+            result.candidates[nfe] = [dict(c.to_dict(), kept=c is chosen) for c in candidates]
+            result.history[nfe] = history
+            result.seconds[nfe] = time.perf_counter() - start_time
+            result.num_evals[nfe] = model_fn.calls - calls
+            if on_table is not None:
+                on_table(nfe, result)
+        return result
 
 
-@torch.no_grad()
-def _held_out_loss(model_fn, pool, table, solver, batch_size, cond, uncond, schedule) -> float:
-    """The trajectory objective of `table` over every path of a held-out pool."""
-    sigmas = torch.as_tensor(table, dtype=pool.noise.dtype, device=pool.noise.device)
-    total = 0.0
-    for start in range(0, len(pool), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(pool)))
-        dev_idx = idx.to(pool.noise.device)
-        x_start = reference.start_state(pool.noise[dev_idx], schedule, sigmas[0])
-        loss = objectives.trajectory_loss(model_fn, x_start, sigmas, pool.reference[dev_idx], solver,
-                                          extra_args=_extra_args(cond, uncond, idx))
-        total += float(loss) * len(idx)
-    return total / len(pool)
+def _features(denoiser, autocast_dtype):
+    from .features import ModelFeatures
+
+    if not isinstance(getattr(denoiser, "model", None), nn.Module):
+        raise ValueError("loss='feature' and select_by='feature'/'fd_self' use the model's own features; this "
+                         "denoiser has no diffusers model: pass loss='l2' and select_by='rmse'")
+    return ModelFeatures(denoiser, autocast_dtype=autocast_dtype)
 
 
-def _learn_adam(model_fn, pool, init_table, nfe, solver, objective, weighting, schedule, num_iters, batch_size, lr,
-                patience, sigma_data, strata, cond, uncond, generator, progress, desc, learn_start=False):
-    final_zero = objective == "trajectory"
-    if learn_start and not final_zero:
-        raise ValueError("learn_start applies to the trajectory objective only (the bound fixes σ_0 = σ_max)")
-    param = MonotoneSigmas(init_table, schedule.sigma_min, schedule.sigma_max, final_zero=final_zero,
-                           learn_start=learn_start).to(pool.noise.device)
-    batches = _batches(len(pool), min(batch_size, len(pool)), generator)
-    dtype = pool.noise.dtype
-
-    def loss_fn(sigmas):
-        idx = next(batches)
-        dev_idx = idx.to(pool.noise.device)
-        extra = _extra_args(cond, uncond, idx)
-        if objective == "trajectory":
-            sigmas = sigmas.to(dtype)
-            # native noise enters at σ_0 (σ_max unless `learn_start`): x = ε / a(σ_0)
-            x_start = reference.start_state(pool.noise[dev_idx], schedule, sigmas[0])
-            return objectives.trajectory_loss(model_fn, x_start, sigmas, pool.reference[dev_idx],
-                                              solver, extra_args=extra)
-        return objectives.bound(model_fn, pool.x0[dev_idx], pool.path_noise[dev_idx], sigmas.to(dtype), weighting,
-                                sigma_data, strata, generator=generator, extra_args=extra)
-
-    bar = tqdm(range(num_iters), desc=desc, disable=not progress)
-    table, history = _adam(loss_fn, param, num_iters, lr, patience, bar)
-    table[-1] = 0.0  # the bound ends at σ_min; sampling takes the last step to 0 (DESIGN.md §3)
-    return table, history
-
-
-def _learn_fixed_point(model_fn, pool, init_table, schedule, num_iters, batch_size, weighting, sigma_data, strata,
-                       damping, tol, cond, uncond, generator, progress, desc):
-    # common random numbers: the same paths and stratum offsets at every iteration
-    idx = torch.arange(min(batch_size, len(pool)))
-    dev_idx = idx.to(pool.noise.device)
-    x0, noise = pool.x0[dev_idx], pool.path_noise[dev_idx]
-    extra = _extra_args(cond, uncond, idx)
-    offsets = torch.rand(len(init_table) - 1, strata, len(idx), generator=generator, dtype=torch.float64)
-    table = list(init_table[:-1]) + [schedule.sigma_min]
-    table[0] = schedule.sigma_max
-    table = MonotoneSigmas(table, schedule.sigma_min, schedule.sigma_max, final_zero=False)().tolist()
-
-    def targets_fn(sigmas):
-        return objectives.stationarity_targets(model_fn, x0, noise, sigmas.to(x0.device), weighting, sigma_data,
-                                               strata=strata, offsets=offsets, extra_args=extra).cpu()
-
-    bar = tqdm(range(num_iters), desc=desc, disable=not progress)
-    table, history = _fixed_point(targets_fn, table, num_iters, tol, damping, bar)
-    table[-1] = 0.0
-    return table, history
+def _candidates_for(nfe, run: _Run, solver_list, init, existing, held_out) -> tuple:
+    """Every candidate at `nfe` steps, scored on `held_out` (when given), the learned ones last."""
+    s, schedule = run.settings, run.schedule
+    config = getattr(schedule, "config", None)
+    tables = stock_tables(nfe, config) if config is not None else {
+        name: baseline_sigmas(name, nfe, schedule).tolist() for name in ("ddim_trailing", "karras", "loguniform")}
+    candidates = [Candidate(f"{name}+{solver}", solver, table, "stock")
+                  for name, table in tables.items() for solver in solver_list] if held_out is not None else []
+    init_table = _init_tables(init, nfe, schedule)
+    if init_table is not None:
+        candidates += [Candidate(f"init+{solver}", solver, init_table, "init") for solver in solver_list]
+    if existing and nfe in existing:
+        table, solver = existing[nfe]
+        candidates.append(Candidate(f"existing+{solver}", canonical_solver(solver), list(table), "existing"))
+    _score_all(candidates, run, held_out, nfe)
+    history = {}
+    if s["objective"] != "trajectory":
+        table, history["bound"] = _learn_bound(run, init_table or baseline_sigmas("ddim_trailing", nfe, schedule).tolist())
+        learned = [Candidate(f"learned:{s['objective']}", "euler", table, "learned")]
+    else:
+        if held_out is None:
+            first = init_table or baseline_sigmas("ddim_trailing", nfe, schedule).tolist()
+            starts = [Candidate(f"init+{solver_list[0]}", solver_list[0], first, "init")]
+        else:
+            starts = sorted(candidates, key=lambda c: c.scores[s["select_by"]])[: s["starts"]]
+        learned = []
+        for start in starts:
+            table, history[start.name] = _learn_trajectory(run, start)
+            learned.append(Candidate(f"learned:{start.name}", start.solver, table, "learned", start=start.name))
+    _score_all(learned, run, held_out, nfe)
+    return candidates + learned, history
 
 
-# --- data for the bound ------------------------------------------------------------------------
-# --- CLI ------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `diffusers-fewstep optimize`."""
-    from . import DEFAULT_MODEL
-
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="diffusers pipeline folder or Hub id (default: the vendored Fashion-MNIST DDPM)")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8], help="step counts to learn tables for")
-    parser.add_argument("--solver", default="euler", help="euler (= DDIM), dpmpp_2m, unipc or ipndm")
-    parser.add_argument("--objective", default="trajectory", choices=OBJECTIVES, help="what the table minimises")
-    parser.add_argument("--method", default="adam", choices=METHODS, help="adam (gradients) or fixed_point")
-    parser.add_argument("--output-dir", required=True, help="writes scheduler/, schedule.png, optimize_log.json")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--max-iters", type=int, default=150, help="iterations per table (upper limit)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"paths per iteration (default: {GPU_DEFAULTS['batch_size']} on cuda, "
-                             f"{CPU_DEFAULTS['batch_size']} on cpu)")
-    parser.add_argument("--pool-size", type=int, default=None,
-                        help="training paths shared by all NFEs (default: min(8·batch, 1024) on cuda, 32 on cpu)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate on the logits")
-    parser.add_argument("--reference-steps", type=int, default=None,
-                        help=f"steps of the DPM-Solver++(2M) reference (default: {GPU_DEFAULTS['reference_steps']} "
-                             f"on cuda, {CPU_DEFAULTS['reference_steps']} on cpu)")
-    parser.add_argument("--init", default="ddim_trailing",
-                        help="table to start from: a baseline (ddim_trailing, karras, loguniform, ddim_leading) or "
-                             "peer:<row> for a diffusers scheduler's own σ's (e.g. peer:unipc_bh2)")
-    parser.add_argument("--validation-size", type=int, default=0,
-                        help="held-out noises: keep a learned table only if it beats its start on them (0: off)")
-    parser.add_argument("--learn-start", action="store_true",
-                        help="learn σ_0 too (noise enters at σ_0 ≤ σ_max, as diffusers' leading spacings do)")
-    parser.add_argument("--data", default=None, help="clean data for the bound: IDX file, .pt tensor or image folder")
-    parser.add_argument("--patience", type=int, default=30, help="early stopping patience (iterations)")
-    parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
-                        help="autocast of the optimisation's model calls (default: bf16 on cuda)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute model calls in backward")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`diffusers-fewstep optimize`: learn the tables and write OUT/scheduler/, OUT/schedule.png, OUT/optimize_log.json."""
-    from .adapter import SigmaDenoiser
-    from .benchmark import initial_tables
-    from .data import load_images
-    from .hub import load_model_and_scheduler_config
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    batch_size = args.batch_size or defaults["batch_size"]
-    reference_steps = args.reference_steps or defaults["reference_steps"]
-    model, config = load_model_and_scheduler_config(args.model)
-    denoiser = SigmaDenoiser(model.to(device).eval(), config)
-    sample_shape = _infer_sample_shape(denoiser)
-    data = load_images(args.data, sample_shape) if args.data else None
-    result = optimize_schedule(
-        denoiser, nfes=args.nfe, solver=args.solver, objective=args.objective, method=args.method,
-        num_iters=args.max_iters, batch_size=batch_size, lr=args.lr, data=data,
-        init=initial_tables(args.init, args.nfe, config), learn_start=args.learn_start,
-        validation_size=args.validation_size,
-        reference_steps=reference_steps, seed=args.seed, device=device, progress=not args.quiet,
-        patience=args.patience, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, pool_size=args.pool_size or defaults["pool_size"])
-    result.save(args.output_dir, config, base_model=args.model)
-    for nfe, table in result.tables.items():
-        print(f"NFE {nfe}: {[round(s, 4) for s in table]}  ({result.seconds[nfe]:.1f} s, objective "
-              f"{result.history[nfe][0]:.4g} -> {result.history[nfe][-1]:.4g})")
-    print(f"wrote {args.output_dir}/scheduler, schedule.png, optimize_log.json")
-    return 0
+def _score_all(candidates, run: _Run, held_out, nfe) -> None:
+    if held_out is None:
+        return
+    for c in tqdm(candidates, desc=f"NFE {nfe} · scoring {len(candidates)} tables on held-out noises",
+                  disable=not run.progress or not candidates):
+        c.scores = score(run.model_fn, held_out, c.table, c.solver, 4 * run.settings["batch_size"], run.features)

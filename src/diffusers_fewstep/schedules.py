@@ -1,16 +1,105 @@
-"""σ tables: the hand-made baselines (Karras, uniform log σ / logSNR, DDIM time spacing),
-validation, and the labelled log-σ interpolation fallback.
+"""σ tables: the hand-made baselines (Karras, uniform log σ / logSNR, DDIM time spacing), the stock
+tables of diffusers' own schedulers, validation, and the labelled log-σ interpolation fallback.
 
 A table is a 1-D decreasing tensor `[σ_0, …, σ_N]` with `N` model evaluations; σ_N may be 0.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .adapter import NoiseSchedule
+from .adapter import SIGMA_MAX_CAP, NoiseSchedule
+
+
+class StockScheduler(NamedTuple):
+    """A diffusers scheduler as users configure it: class, config overrides, the solver of ours that
+    computes the same step (:mod:`~diffusers_fewstep.solvers`), and a label."""
+
+    cls: str
+    overrides: dict
+    solver: str
+    label: str
+
+
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+# diffusers' schedulers at their usual settings, per model family (the benchmark's peers, BENCHMARK.md)
+STOCK_SCHEDULERS: Dict[str, Dict[str, StockScheduler]] = {
+    "vp": {
+        "ddim_leading": StockScheduler("DDIMScheduler", {"timestep_spacing": "leading", "set_alpha_to_one": True},
+                                       "euler", "DDIM leading"),
+        "ddim_trailing": StockScheduler("DDIMScheduler", {"timestep_spacing": "trailing", "set_alpha_to_one": True},
+                                        "euler", "DDIM trailing"),
+        "euler_karras": StockScheduler("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler", "Euler Karras"),
+        "dpmpp2m_karras": StockScheduler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True,
+                                         "algorithm_type": "dpmsolver++", "solver_order": 2}, "dpmpp_2m", "DPM++2M Karras"),
+        "dpmpp2m_lu": StockScheduler("DPMSolverMultistepScheduler", {"use_lu_lambdas": True,
+                                     "algorithm_type": "dpmsolver++", "solver_order": 2}, "dpmpp_2m", "DPM++2M logSNR"),
+        "unipc_bh2": StockScheduler("UniPCMultistepScheduler", {"solver_order": 2}, "unipc", "UniPC bh2"),
+        "unipc_bh2_karras": StockScheduler("UniPCMultistepScheduler", {"solver_order": 2, "use_karras_sigmas": True},
+                                           "unipc", "UniPC bh2 Karras"),
+    },
+    "flow": {
+        "flow_euler": StockScheduler("FlowMatchEulerDiscreteScheduler", {}, "euler", "FlowMatch Euler"),
+        "flow_euler_karras": StockScheduler("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler",
+                                            "FlowMatch Euler Karras"),
+        "flow_dpmpp2m": StockScheduler("DPMSolverMultistepScheduler", {**_FLOW, "algorithm_type": "dpmsolver++",
+                                       "solver_order": 2}, "dpmpp_2m", "DPM++2M (flow σ)"),
+        "flow_unipc": StockScheduler("UniPCMultistepScheduler", {**_FLOW, "solver_order": 2}, "unipc",
+                                     "UniPC bh2 (flow σ)"),
+    },
+}
+
+
+def diffusers_scheduler(name: str, base_config):
+    """A fresh diffusers scheduler `name` of :data:`STOCK_SCHEDULERS`, built from the model's scheduler config."""
+    import inspect
+
+    import diffusers
+
+    family = NoiseSchedule(base_config).family
+    if name not in STOCK_SCHEDULERS[family]:
+        raise ValueError(f"unknown diffusers scheduler {name!r} for a {family} model; choose from "
+                         f"{list(STOCK_SCHEDULERS[family])}")
+    stock = STOCK_SCHEDULERS[family][name]
+    cls = getattr(diffusers, stock.cls)
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {**dict(base_config), **stock.overrides}
+    if stock.overrides.get("use_flow_sigmas"):
+        config["flow_shift"] = float(base_config.get("shift", 1.0))
+    return cls.from_config({k: v for k, v in config.items() if k in accepted})
+
+
+def stock_sigmas(name: str, nfe: int, base_config) -> List[float]:
+    """The σ-space table diffusers' scheduler `name` samples on at `nfe` steps (ending in 0)."""
+    schedule = NoiseSchedule(base_config)
+    scheduler = diffusers_scheduler(name, base_config)
+    scheduler.set_timesteps(nfe)
+    if schedule.family == "flow":  # flow time s → σ = s/(1−s), s = 1 capped as everywhere (adapter.SIGMA_MAX_CAP)
+        s = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).clamp(max=SIGMA_MAX_CAP / (1 + SIGMA_MAX_CAP))
+        table = s / (1 - s)
+    elif getattr(scheduler, "sigmas", None) is not None:
+        table = torch.as_tensor(scheduler.sigmas, dtype=torch.float64)
+    else:  # DDIM: its timesteps, then ᾱ = 1 (set_alpha_to_one)
+        table = _append_zero(schedule.t_to_sigma(torch.as_tensor(scheduler.timesteps, dtype=torch.float64)), True)
+    return [float(v) for v in table]
+
+
+def stock_tables(nfe: int, base_config) -> Dict[str, List[float]]:
+    """Every distinct stock table at `nfe` steps: diffusers' schedulers (:data:`STOCK_SCHEDULERS`) and the
+    hand-made baselines, by name (a table that repeats an earlier one, to 4 significant digits, is left out)."""
+    schedule = NoiseSchedule(base_config)
+    tables = {name: stock_sigmas(name, nfe, base_config) for name in STOCK_SCHEDULERS[schedule.family]}
+    for name in ("karras", "loguniform", "ddim_trailing"):
+        tables.setdefault(name, baseline_sigmas(name, nfe, schedule).tolist())
+    out, seen = {}, set()
+    for name, table in tables.items():
+        key = tuple(float(f"{v:.4g}") for v in table)
+        if key not in seen:
+            seen.add(key)
+            out[name] = table
+    return out
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, final_zero: bool = True):

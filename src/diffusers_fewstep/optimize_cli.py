@@ -1,0 +1,129 @@
+"""`diffusers-fewstep optimize`: learn and select σ tables for a model and save them as a scheduler folder.
+
+    diffusers-fewstep optimize --model PIPELINE --nfe 3 4 5 6 8 10 --output-dir OUT
+
+A second run into the same folder adds its tables to those there; a step count already there is
+replaced only when the new table scores better on the held-out noises (the old one competes as a
+candidate) or with `--overwrite`. Each step count is saved as soon as it is done.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from .objectives import LOSSES
+from .optimizer import METHODS, OBJECTIVES, ScheduleResult, _infer_sample_shape, optimize_schedule
+from .selection import MEASURES
+
+# defaults by device: the reference solves and the held-out scoring dominate, and a CPU is ~100× slower
+GPU_DEFAULTS = {"batch_size": 64, "reference_steps": 200, "pool_size": 512, "validation_size": 512, "max_iters": 60,
+                "starts": 2}
+CPU_DEFAULTS = {"batch_size": 8, "reference_steps": 50, "pool_size": 16, "validation_size": 16, "max_iters": 10,
+                "starts": 1}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `diffusers-fewstep optimize`."""
+    from . import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="diffusers pipeline folder or Hub id (default: the vendored Fashion-MNIST DDPM)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8], help="step counts to learn tables for")
+    parser.add_argument("--solver", default="auto",
+                        help="auto (the best solver per step count), euler (= DDIM), dpmpp_2m, unipc or ipndm")
+    parser.add_argument("--output-dir", required=True, help="writes scheduler/, schedule.png, optimize_log.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the tables already in --output-dir even if they score better")
+    parser.add_argument("--loss", default="feature", choices=LOSSES, help="endpoint loss of the trajectory objective")
+    parser.add_argument("--select-by", default="fd_self", choices=MEASURES, help="held-out measure that keeps a table")
+    parser.add_argument("--objective", default="trajectory", choices=OBJECTIVES, help="what the tables minimise")
+    parser.add_argument("--method", default="adam", choices=METHODS, help="adam (gradients) or fixed_point (bounds)")
+    parser.add_argument("--free-last", action="store_true", help="also learn the last positive σ of each table")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--max-iters", type=int, default=None, help="iterations per learned table (upper limit)")
+    parser.add_argument("--starts", type=int, default=None, help="best-scoring candidates learned further per NFE")
+    parser.add_argument("--batch-size", type=int, default=None, help="paths per iteration")
+    parser.add_argument("--pool-size", type=int, default=None, help="training paths shared by all NFEs")
+    parser.add_argument("--validation-size", type=int, default=None, help="held-out noises that score the candidates")
+    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the table's logits")
+    parser.add_argument("--reference-steps", type=int, default=None, help="steps of the DPM-Solver++(2M) reference")
+    parser.add_argument("--init", default=None,
+                        help="one more candidate table: a baseline (ddim_trailing, karras, loguniform, ddim_leading)")
+    parser.add_argument("--data", default=None, help="clean data for the bound: IDX file, .pt tensor or image folder")
+    parser.add_argument("--patience", type=int, default=30, help="early stopping patience (iterations)")
+    parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
+                        help="autocast of the model calls (default: bf16 on cuda)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute model calls in backward")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def existing_tables(output_dir: str) -> dict:
+    """`{nfe: (table, solver)}` of a scheduler folder already in `output_dir` (empty when there is none)."""
+    path = os.path.join(output_dir, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return {}
+    from .hub import load_json
+
+    config = load_json(path)
+    per_nfe = config.get("solvers") or {}
+    return {int(k): (v, per_nfe.get(k, config.get("solver", "euler"))) for k, v in (config.get("sigma_tables") or {}).items()}
+
+
+def summary_lines(result: ScheduleResult, measure: str) -> list:
+    """Per NFE: the kept table against DDIM (trailing) and the best stock table, on the held-out noises."""
+    lines = [f"held-out {measure} (lower is better; {result.settings['validation_size']} noises the optimiser never "
+             "trained on)", f"{'NFE':>4} {'kept':<34} {measure:>9} {'DDIM':>9} {'best stock':>28}"]
+    for nfe in result.tables:
+        cands = result.candidates[nfe]
+        kept = next(c for c in cands if c["kept"])
+        ddim = next((c for c in cands if c["name"] == "ddim_trailing+euler"), None)
+        stock = [c for c in cands if c["source"] == "stock" and measure in c["scores"]]
+        top = min(stock, key=lambda c: c["scores"][measure], default=None)
+        cell = lambda c: f"{c['scores'][measure]:.4g}" if c and measure in c["scores"] else "–"  # noqa: E731
+        lines.append(f"{nfe:>4} {kept['name']:<34} {cell(kept):>9} {cell(ddim):>9} "
+                     f"{(cell(top) + ' ' + top['name']) if top else '–':>28}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """Learn, select and save the tables; print the held-out comparison and where the files are."""
+    from .adapter import SigmaDenoiser
+    from .data import load_images
+    from .hub import load_model_and_scheduler_config
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
+    model, config = load_model_and_scheduler_config(args.model)
+    denoiser = SigmaDenoiser(model.to(device).eval(), config)
+    data = load_images(args.data, _infer_sample_shape(denoiser)) if args.data else None
+    existing = {} if args.overwrite else existing_tables(args.output_dir)
+    kept_before = {n: t for n, t in existing.items() if n not in args.nfe}
+
+    def save(nfe, result):
+        partial = ScheduleResult({**{n: t for n, (t, _) in kept_before.items()}, **result.tables},
+                                 {**{n: s for n, (_, s) in kept_before.items()}, **result.solvers},
+                                 result.candidates, result.history, result.seconds, result.num_evals,
+                                 result.settings, result.shared)
+        partial.save(args.output_dir, config, base_model=args.model)
+
+    result = optimize_schedule(
+        denoiser, nfes=args.nfe, solver=args.solver, objective=args.objective, loss=args.loss,
+        select_by=args.select_by, starts=pick("starts"), free_last=args.free_last, method=args.method,
+        num_iters=pick("max_iters"), batch_size=pick("batch_size"), lr=args.lr,
+        validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data, init=args.init,
+        existing={n: v for n, v in existing.items() if n in args.nfe}, reference_steps=pick("reference_steps"),
+        seed=args.seed, device=device, progress=not args.quiet, patience=args.patience,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, on_table=save)
+    if result.settings["validation_size"]:
+        print("\n".join(summary_lines(result, args.select_by)))
+    for nfe in result.tables:
+        kept = next(c for c in result.candidates[nfe] if c["kept"])
+        if kept["source"] == "existing":
+            print(f"NFE {nfe}: kept the table already in {args.output_dir} (it scores better than the new ones)")
+    print(f"wrote {args.output_dir}/scheduler (tables for {sorted(set(result.tables) | set(kept_before))} steps), "
+          f"{args.output_dir}/schedule.png, {args.output_dir}/optimize_log.json")
+    return 0

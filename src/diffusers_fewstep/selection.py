@@ -1,0 +1,135 @@
+"""Paths with reference solutions, and the held-out selection that keeps the best table (DESIGN.md §3).
+
+A :class:`Paths` set holds native noises, their reference solutions (the one reference solve,
+:mod:`~diffusers_fewstep.reference`) and, per path, its row of the conditioning. Phase 1 trains on one
+set and scores candidate tables on another it never trained on (`held_out`). Measures, all against the
+references of the same noises, lower is better:
+
+- ``rmse``: endpoint RMSE (per-sample RMSE, averaged); rewards blur at 8–10 steps (docs/method.md);
+- ``feature``: LPIPS-style distance in the model's own features (:func:`~diffusers_fewstep.features.feature_distance`);
+- ``fd_self``: Fréchet distance between the pooled model features of the samples and of the references.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import reference
+from .features import frechet_distance, pooled_features
+from .objectives import endpoint_loss
+from .solvers import sample
+
+MEASURES = ("rmse", "feature", "fd_self")
+
+
+def _select_cond(cond: Optional[dict], idx: torch.Tensor) -> Optional[dict]:
+    """Per-path conditioning: tensors with one row are broadcast, others indexed (cyclically) by path."""
+    if cond is None:
+        return None
+    out = {}
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            value = _select_cond(value, idx)
+        elif torch.is_tensor(value) and value.ndim > 0:
+            rows = value.shape[0]
+            value = value.expand(len(idx), *value.shape[1:]) if rows == 1 else value[idx.to(value.device) % rows]
+        out[key] = value
+    return out
+
+
+def extra_args(cond: Optional[dict], uncond: Optional[dict], idx: torch.Tensor) -> dict:
+    """The denoiser's keyword arguments (`cond`, `uncond`) for the paths `idx`."""
+    extra = {}
+    if cond is not None:
+        extra["cond"] = _select_cond(cond, idx)
+    if uncond is not None:
+        extra["uncond"] = _select_cond(uncond, idx)
+    return extra
+
+
+class Paths:
+    """Native noises (seeded), their reference solutions and a second noise for feature measures.
+
+    Args:
+        size (`int`): number of paths; `sample_shape`: one sample's shape; `generator`: seeds the draws.
+        cond, uncond (`dict`, *optional*): conditioning with one row per path (cycled) or one row for all.
+    """
+
+    def __init__(self, size: int, sample_shape, device, generator: torch.Generator, cond=None, uncond=None):
+        self.noise = torch.randn(size, *sample_shape, generator=generator).to(device)
+        self.path_noise = torch.randn(size, *sample_shape, generator=generator).to(device)  # ε of x0 + σ·ε
+        self.cond, self.uncond = cond, uncond
+        self.reference: Optional[torch.Tensor] = None
+        self.reference_features: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def batches(self, batch_size: int):
+        """(indices, device indices, denoiser kwargs) over all paths, in order."""
+        for start in range(0, len(self), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(self)))
+            yield idx, idx.to(self.noise.device), extra_args(self.cond, self.uncond, idx)
+
+    @torch.no_grad()
+    def solve_references(self, denoiser, steps: int, batch_size: int, progress: bool = False) -> None:
+        """The one reference solve of every path."""
+        refs = [reference.solve(denoiser, self.noise[dev], steps, extra_args=extra)
+                for _, dev, extra in tqdm(list(self.batches(batch_size)), desc="reference solves", disable=not progress)]
+        self.reference = torch.cat(refs)
+
+    @torch.no_grad()
+    def featurize_references(self, features, batch_size: int) -> None:
+        self.reference_features = torch.cat([pooled_features(features, self.reference[dev], self.path_noise[dev],
+                                                             extra.get("cond"))
+                                             for _, dev, extra in self.batches(batch_size)])
+
+
+@dataclass
+class Candidate:
+    """A table competing for one step count: where it came from and what it scored on held-out paths."""
+
+    name: str
+    solver: str
+    table: List[float]
+    source: str  # "stock", "learned", "init", "existing"
+    scores: Dict[str, float] = field(default_factory=dict)
+    start: Optional[str] = None  # learned: the candidate it started from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def score(model_fn, paths: Paths, table, solver: str, batch_size: int, features=None) -> Dict[str, float]:
+    """Every measure of :data:`MEASURES` the set allows for `table` with `solver` on the held-out `paths`
+    (`feature` and `fd_self` need `features`)."""
+    sigmas = torch.as_tensor(table, dtype=torch.float32, device=paths.noise.device)
+    rmse, dist, pooled = [], [], []
+    for _, dev, extra in paths.batches(batch_size):
+        x = reference.start_state(paths.noise[dev], model_fn.schedule, sigmas[0])
+        x = sample(model_fn, x, sigmas, solver, extra_args=extra).float()
+        rmse.append(endpoint_loss(x, paths.reference[dev]).sqrt())
+        if features is not None:
+            dist.append(endpoint_loss(x, paths.reference[dev], "feature", features, paths.path_noise[dev],
+                                      extra.get("cond")))
+            pooled.append(pooled_features(features, x, paths.path_noise[dev], extra.get("cond")))
+    out = {"rmse": float(torch.cat(rmse).mean())}
+    if features is not None:
+        out["feature"] = float(torch.cat(dist).mean())
+        out["fd_self"] = frechet_distance(torch.cat(pooled), paths.reference_features)
+    return out
+
+
+def best(candidates: List[Candidate], measure: str) -> Candidate:
+    """The candidate with the lowest held-out `measure` (ties: the first listed)."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown selection measure {measure!r}; choose one of {list(MEASURES)}")
+    scored = [c for c in candidates if measure in c.scores]
+    if not scored:
+        raise ValueError(f"no candidate has the measure {measure!r}; `feature`/`fd_self` need a model with "
+                         "feature layers (diffusers_fewstep.features)")
+    return min(scored, key=lambda c: c.scores[measure])
