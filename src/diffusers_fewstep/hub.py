@@ -6,6 +6,19 @@ import os
 from typing import Optional, Tuple
 
 
+def looks_like_hub_id(value: str) -> bool:
+    """Whether `value` is shaped like a Hub repo id `owner/name` (one `/`, the Hub's characters)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if value.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_folder(path_or_id: str, subfolder: Optional[str] = None) -> str:
     """Local folder for a path or a Hub repo id (downloaded with `huggingface_hub.snapshot_download`)."""
     if os.path.isdir(path_or_id):
