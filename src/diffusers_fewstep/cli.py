@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def fail(err: Exception, verbose: bool, hint: str = "") -> int:
     """Print `err` as one `diffusers-fewstep: error:` line (after its traceback with `verbose`); return 2."""
     if verbose:
-        traceback.print_exception(err)
+        traceback.print_exception(type(err), err, err.__traceback__)
     message = " ".join(str(err).split())  # one line, whatever the exception's text
     print(f"{PROG}: error: {message}{hint}", file=sys.stderr)
     return 2
