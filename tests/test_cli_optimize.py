@@ -56,7 +56,7 @@ def test_cli_optimize_fixed_point_with_data(tmp_path):
     assert log["num_evals"]["3"] == len(log["history"]["3"]) * (3 * 2 + 2 * 2)
 
 
-def test_cli_optimize_from_a_diffusers_peer_table_with_learnable_start(tmp_path):
+def test_cli_optimize_from_a_diffusers_peer_table_with_learnable_start(tmp_path, capsys):
     # start from diffusers' own UniPC table (leading spacing: σ_0 = σ(t=750), far below σ_max) and keep σ_0 free
     rc = main(["optimize", "--nfe", "3", "--solver", "unipc", "--init", "peer:unipc_bh2", "--learn-start",
                "--max-iters", "2", "--batch-size", "1", "--pool-size", "1", "--reference-steps", "6",
@@ -67,6 +67,8 @@ def test_cli_optimize_from_a_diffusers_peer_table_with_learnable_start(tmp_path)
     sigma_0 = scheduler.config.sigma_tables["3"][0]
     schedule = NoiseSchedule(load_json(os.path.join(DEFAULT_MODEL, "scheduler", "scheduler_config.json")))
     assert 5.0 < sigma_0 < 0.5 * schedule.sigma_max  # near UniPC's own 17.4 after two steps, not pinned to 157
-    with pytest.raises(ValueError, match="unknown diffusers peer"):
-        main(["optimize", "--nfe", "3", "--init", "peer:heun", "--device", "cpu", "--quiet",
-              "--output-dir", str(tmp_path / "bad")])
+    capsys.readouterr()
+    assert main(["optimize", "--nfe", "3", "--init", "peer:heun", "--device", "cpu", "--quiet",
+                 "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "error: --init peer:heun: unknown diffusers peer 'heun'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work

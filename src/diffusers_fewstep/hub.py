@@ -1,9 +1,47 @@
-"""Loading diffusers model folders from a local path or a Hub id."""
+"""Loading diffusers model folders from a local path or a Hub id, and recording which one portably."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional, Tuple
+
+# a folder of the Hub's download cache: .../models--<owner>--<name>/snapshots/<revision>[/subfolder]
+HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+(?:/|$)")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """Whether `value` is shaped like a Hub repo id `owner/name` (one `/`, the Hub's characters)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if value.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def portable_model_ref(path_or_id: str) -> str:
+    """The model as provenance records it: meaningful on another machine, revealing nothing of this one.
+
+    - a Hub id, or a relative path: as given;
+    - a folder of the Hub's download cache: its repo id (`owner/name`);
+    - an absolute path under the working directory: relative to it (symlinks resolved);
+    - any other absolute path: its folder name behind `…/` (`/home/alice/models/sd15` → `…/sd15`), which
+      reads neither as a path nor as a Hub id; pass the model relative to the working directory to record more.
+    """
+    expanded = os.path.expanduser(path_or_id)
+    if not os.path.isabs(expanded):
+        return path_or_id
+    cached = HUB_CACHE_FOLDER.search(expanded)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    path, cwd = os.path.realpath(expanded), os.path.realpath(os.getcwd())
+    if os.path.commonpath([path, cwd]) == cwd:
+        return os.path.relpath(path, cwd)
+    return f"…/{os.path.basename(path)}"
 
 
 def resolve_folder(path_or_id: str, subfolder: Optional[str] = None) -> str:
