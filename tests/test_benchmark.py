@@ -9,6 +9,7 @@ import torch
 
 from diffusers_fewstep import benchmark
 from diffusers_fewstep.adapter import NoiseSchedule
+from diffusers_fewstep.outputs import write_scheduler
 from diffusers_fewstep.schedules import baseline_sigmas
 
 DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
@@ -40,13 +41,12 @@ def tiny_setup(tmp_path):
     header = (2051).to_bytes(4, "big") + b"".join(int(v).to_bytes(4, "big") for v in images.shape)
     with gzip.open(tmp_path / "data" / "t10k-images-idx3-ubyte.gz", "wb") as f:
         f.write(header + images.tobytes())
-    # a cached "learned" table (here just the trailing table) as the optimiser's cache would hold it
+    # a folder as `optimize` writes it (here the trailing tables, UniPC at 3 steps and DDIM at 4)
     schedule = NoiseSchedule(DDPM_CONFIG)
-    tables = tmp_path / "tables"
-    tables.mkdir()
-    (tables / "learned_unipc.json").write_text(json.dumps({
-        "solver": "unipc", "tables": {str(n): baseline_sigmas("ddim_trailing", n, schedule).tolist() for n in (3, 4)},
-        "seconds": {"3": 1.5, "4": 2.5}, "command": "test", "device": "cpu", "date": "today"}))
+    tables = {n: baseline_sigmas("ddim_trailing", n, schedule).tolist() for n in (3, 4)}
+    write_scheduler(str(tmp_path / "ours"), DDPM_CONFIG, tables, {3: "unipc", 4: "euler"}, "euler",
+                    {"per_nfe": {"3": {"seconds": 1.5}, "4": {"seconds": 2.5}}})
+    (tmp_path / "ours" / "optimize_log.json").write_text(json.dumps({"shared": {"seconds": 0.5}}))
     return tmp_path
 
 
@@ -61,13 +61,12 @@ def test_tiny_end_to_end_benchmark(tiny_setup):
     args = parse(["--model", str(root / "model"), "--classifier", str(root / "classifier"), "--data", str(root / "data"),
                   "--n", "24", "--nfes", "3", "4", "--device", "cpu", "--batch-size", "16", "--peer-samples", "4",
                   "--rows", "ddim_trailing", "unipc_bh2", "gits_ipndm", "ays_dpmpp_2m", "sigma_ddim_trailing",
-                  "learned_unipc",
-                  "--tables-dir", str(root / "tables"), "--out-dir", str(root / "out"), "--docs-dir", str(root / "docs")])
+                  "--learned", str(root / "ours"), "--out-dir", str(root / "out"), "--docs-dir", str(root / "docs")])
     assert benchmark.run(args) == 0
     record = json.loads((root / "out" / "results.json").read_text())
     rows = {r["name"]: r for r in record["rows"]}
     assert set(rows) == {"ddim_trailing", "unipc_bh2", "gits_ipndm", "ays_dpmpp_2m", "sigma_ddim_trailing",
-                         "learned_unipc"}
+                         "learned:ours"}
     for row in rows.values():
         for nfe in ("3", "4"):
             result = row["results"][nfe]
@@ -76,13 +75,18 @@ def test_tiny_end_to_end_benchmark(tiny_setup):
     for nfe in ("3", "4"):
         assert rows["sigma_ddim_trailing"]["results"][nfe]["rmse"] == pytest.approx(
             rows["ddim_trailing"]["results"][nfe]["rmse"], abs=1e-4)
-    # learning times: cached per NFE for ours, measured in-run for GITS/AYS
-    assert rows["learned_unipc"]["results"]["4"]["learn_seconds"] == 2.5
+    # our folder runs through the stock loop with its scheduler: DDIM on the trailing table at 4 steps equals
+    # diffusers' DDIM trailing; UniPC at 3 steps is another sampler
+    assert rows["learned:ours"]["results"]["4"]["rmse"] == pytest.approx(rows["ddim_trailing"]["results"]["4"]["rmse"],
+                                                                          abs=1e-4)
+    assert rows["learned:ours"]["solvers"] == {"3": "unipc", "4": "euler"}
+    # learning times: per NFE plus the run's shared reference solves for ours, measured in-run for GITS/AYS
+    assert rows["learned:ours"]["results"]["4"]["learn_seconds"] == 3.0
     assert rows["gits_ipndm"]["results"]["3"]["learn_seconds"] > 0
     assert [s["nfe"] for s in record["summary"]] == [3, 4]
     assert record["reference"]["fd_fmnist"] >= -1e-6
     page = (root / "docs" / "results.md").read_text()
-    assert "| ours: learned + UniPC bh2 |" in page and "GITS + iPNDM" in page and "figures/fd_vs_nfe.png" in page
+    assert "| ours: ours |" in page and "GITS + iPNDM" in page and "figures/fd_vs_nfe.png" in page
     for name in ("fd_vs_nfe.png", "sigma_tables.png", "samples_4_steps.png"):
         assert (root / "docs" / "figures" / name).stat().st_size > 1000
 
@@ -90,42 +94,10 @@ def test_tiny_end_to_end_benchmark(tiny_setup):
 def test_summary_ratios():
     rows = [benchmark.Row("unipc_bh2", "UniPC", "diffusers", results={4: {"fd_fmnist": 2.0, "rmse": 0.1}}),
             benchmark.Row("gits_ipndm", "GITS", "optimiser", results={4: {"fd_fmnist": 4.0, "rmse": 0.1}}),
-            benchmark.Row("learned_unipc", "ours", "ours", "unipc", results={4: {"fd_fmnist": 1.0, "rmse": 0.1,
+            benchmark.Row("learned:ours", "ours", "ours", "unipc", results={4: {"fd_fmnist": 1.0, "rmse": 0.1,
                                                                                   "learn_seconds": 30.0}}),
             benchmark.Row("sigma_ddim_trailing", "check", "check", "euler", results={4: {"fd_fmnist": 0.1, "rmse": 0.1}})]
     (best,) = benchmark.summary(rows, [4], reference_fd=0.5)
-    assert best["ours"] == "learned_unipc" and best["peer"] == "unipc_bh2"  # check rows are neither ours nor peers
+    assert best["ours"] == "learned:ours" and best["peer"] == "unipc_bh2"  # check rows are neither ours nor peers
     assert best["ratio"] == pytest.approx(0.5) and best["ours_over_reference"] == pytest.approx(2.0)
     assert best["learn_seconds"] == 30.0
-
-
-def test_learn_only_caches_tables_with_their_cost(tiny_setup):
-    root = tiny_setup
-    args = parse(["--model", str(root / "model"), "--learn-only", "--solvers", "euler", "--nfes", "2", "3",
-                  "--device", "cpu", "--num-iters", "2", "--learn-batch-size", "4", "--learn-seed", "7",
-                  "--optimizer-kwargs", '{"pool_size": 4, "reference_steps": 8}', "--tables-dir", str(root / "new")])
-    assert benchmark.run(args) == 0
-    record = json.loads((root / "new" / "learned_euler.json").read_text())
-    assert sorted(record["tables"]) == ["2", "3"] and len(record["tables"]["3"]) == 4
-    assert record["tables"]["3"][-1] == 0.0 and all(a > b for a, b in zip(record["tables"]["3"], record["tables"]["3"][1:]))
-    assert record["seconds"]["2"] >= record["loop_seconds"]["2"] > 0
-    assert record["settings"]["seed"] == 7 and record["settings"]["pool_size"] == 4
-    (row,) = benchmark.load_learned_rows(str(root / "new"), [3])
-    assert row.name == "learned_euler" and list(row.tables) == [3] and row.learn_seconds[3] == record["seconds"]["3"]
-
-
-def test_cached_tables_of_one_solver_are_merged(tmp_path):
-    for tag, nfes in (("", (3, 4)), ("_nfe8-10", (8, 10))):
-        (tmp_path / f"learned_unipc{tag}.json").write_text(json.dumps({
-            "solver": "unipc", "tables": {str(n): [100.0, 1.0, 0.0] for n in nfes},
-            "seconds": {str(n): float(n) for n in nfes}, "command": f"cmd{tag}", "device": "d", "date": "t"}))
-    (row,) = benchmark.load_learned_rows(str(tmp_path), [3, 8, 10])
-    assert sorted(row.tables) == [3, 8, 10] and row.learn_seconds == {3: 3.0, 8: 8.0, 10: 10.0}
-    assert row.commands == ["cmd", "cmd_nfe8-10"]
-
-
-def test_wait_for_learners_returns_when_locks_go_or_time_runs_out(tmp_path, capsys):
-    benchmark.wait_for_learners(str(tmp_path), timeout=5)  # no locks: returns at once
-    (tmp_path / "learned_euler.lock").touch()
-    benchmark.wait_for_learners(str(tmp_path), timeout=0.1)
-    assert "learners still running" in capsys.readouterr().out

@@ -105,10 +105,10 @@ def test_diffusers_ddim_trailing_equals_our_sigma_space_ddim(tiny_denoiser):
 
 def test_every_diffusers_peer_builds_and_samples(tiny_denoiser):
     noise = ev.noise_bank(2, (1, 8, 8))
-    for name in peers.DIFFUSERS_PEERS:
+    for name in peers.STOCK_SCHEDULERS["vp"]:
         x = peers.sample_diffusers(tiny_denoiser.model, peers.diffusers_scheduler(name, DDPM_CONFIG), noise, 4)
         assert x.shape == noise.shape and torch.isfinite(x).all(), name
-    with pytest.raises(ValueError, match="unknown diffusers peer"):
+    with pytest.raises(ValueError, match="unknown diffusers scheduler"):
         peers.diffusers_scheduler("lms", DDPM_CONFIG)
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Stage what a GPU run needs inside the checkout, in git-ignored folders, for a GPU machine that
 # receives only the checkout (64 MiB in all) and has no diffusers:
-#   bash tools/gpu_stage.sh            # WITH_TRAIN=1 also stages the Fashion-MNIST train set
-# -> .whl/ (wheels), .stage/fmnist-classifier (FD feature network), .stage/fashion-mnist (test set).
+#   bash tools/gpu_stage.sh            # WITH_TRAIN=1 also stages 50k training images and the fixture builder
+# -> .whl/ (wheels), .stage/fmnist-classifier (FD feature network), .stage/fashion-mnist (test set);
+#    WITH_TRAIN=1: .stage/train50k (the first 50,000 training images, xz: the whole set does not fit beside the
+#    rest) and .stage/tools/train_reference_dpm.py (../shared/tools, which does not travel).
 # The fixture DPM is not staged: it is vendored in assets/fmnist-ddpm-eps.
 # Start the GPU command with the install line printed at the end.
 set -euo pipefail
@@ -11,11 +13,10 @@ shared=$(cd "$root/../shared" && pwd)
 for p in /.whl/ /.stage/; do grep -qxF "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude; done
 mkdir -p .whl .stage
 
-# 1. Wheels; these versions import cleanly next to the GPU machine's transformers (huggingface-hub < 2).
+# 1. Wheels: diffusers and the two small packages it needs; the GPU machine has huggingface_hub 1.33 and safetensors.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-  diffusers==0.42.1 huggingface_hub==1.33.0 "hf-xet>=1.6,<2" "click>=8.4.2" importlib_metadata safetensors==0.8.0 \
-  2>&1 | { grep -v WARNING || true; }
+  diffusers==0.42.1 "click>=8.4.2" importlib_metadata 2>&1 | { grep -v WARNING || true; }
 
 # 2. The FD feature network.
 rm -rf .stage/fmnist-classifier && cp -r "$shared/fixtures/fmnist-classifier" .stage/fmnist-classifier
@@ -26,7 +27,19 @@ data=/usr/share/datasets/fashion-mnist
 if [ -d "$data" ]; then
   rm -rf .stage/fashion-mnist && mkdir -p .stage/fashion-mnist
   cp "$data"/t10k-* .stage/fashion-mnist/
-  if [ "${WITH_TRAIN:-0}" = 1 ]; then cp "$data"/train-* .stage/fashion-mnist/; fi
+  if [ "${WITH_TRAIN:-0}" = 1 ]; then
+    mkdir -p .stage/train50k .stage/tools && cp "$shared/tools/train_reference_dpm.py" .stage/tools/
+    python3 - <<'PY'
+import gzip, lzma
+n = 50000
+images = gzip.open("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").read()
+labels = gzip.open("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz").read()
+with open(".stage/train50k/train-images-idx3-ubyte.xz", "wb") as f:
+    f.write(lzma.compress(images[:4] + n.to_bytes(4, "big") + images[8:16 + n * 784]))
+with open(".stage/train50k/train-labels-idx1-ubyte.gz", "wb") as f:
+    f.write(gzip.compress(labels[:4] + n.to_bytes(4, "big") + labels[8:8 + n]))
+PY
+  fi
 else
   echo "note: apt-get install dataset-fashion-mnist for the FD test set" >&2
 fi

@@ -1,21 +1,19 @@
 """`diffusers-fewstep benchmark`: every sampler side by side, in one run, on one noise bank (BENCHMARK.md).
 
-Rows: diffusers' own schedulers (driven as BENCHMARK.md's peer script drives them), the published
-schedule optimisers we re-implemented (:mod:`peers`: GITS, AYS), our learned tables (one row per
-solver; cached by `--learn` in `benchmarks/tables/learned_<solver>.json` with their learning time and
-command) and, when given, a Phase-2 tuned model with its tables (`--tuned-model`). Every row gets
-FD-FMNIST, endpoint RMSE against the 200-step reference and the time it took to learn its table.
+Rows: diffusers' own schedulers for the model's family (:data:`~diffusers_fewstep.schedules.STOCK_SCHEDULERS`,
+driven as BENCHMARK.md's peer script drives them), the published schedule optimisers we re-implemented
+(:mod:`peers`: GITS, AYS), and our folders (`--learned`): each is what `diffusers-fewstep optimize` (or
+`train`) wrote, sampled through the same stock loop with its `LearnedScheduleScheduler` (and, for a Phase-2
+folder holding a tuned `unet/`, with the tuned model). Every row gets FD-FMNIST, endpoint RMSE against the
+200-step reference and the time it took to learn its tables.
 
-    # 1. learn our tables (noise seed 0, independent of the evaluation bank, seed 1234) and cache them
-    diffusers-fewstep benchmark --learn-only --solvers euler unipc --nfes 3 4 5 6 8 10
-    # 2. measure everything and write JSON, markdown and docs/results.md with its figures
-    diffusers-fewstep benchmark --n 5000 --classifier CLASSIFIER_DIR --data FMNIST_DIR
+    diffusers-fewstep optimize --nfe 3 4 5 6 8 10 --output-dir outputs/fmnist
+    diffusers-fewstep benchmark --learned outputs/fmnist --n 5000 --classifier CLASSIFIER_DIR --data FMNIST_DIR
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import json
 import os
 import platform
@@ -23,13 +21,13 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import torch
 
 from . import evaluation as ev
 from . import peers
-from .schedules import baseline_sigmas
+from .schedules import STOCK_SCHEDULERS, baseline_sigmas, diffusers_scheduler, stock_sigmas
 
 OUR_SOLVERS = ("euler", "dpmpp_2m", "unipc", "ipndm")
 SOLVER_LABELS = {"euler": "DDIM", "dpmpp_2m": "DPM++2M", "unipc": "UniPC bh2", "ipndm": "iPNDM"}
@@ -49,10 +47,12 @@ class Row:
     learn_seconds: Dict[int, float] = field(default_factory=dict)
     results: Dict[int, dict] = field(default_factory=dict)
     note: str = ""
-    commands: List[str] = field(default_factory=list)
+    solvers: Dict[int, str] = field(default_factory=dict)
+    folder: Optional[str] = None  # ours: the folder `optimize`/`train` wrote
 
     def to_dict(self) -> dict:
         return {"name": self.name, "label": self.label, "group": self.group, "solver": self.solver, "note": self.note,
+                "solvers": {str(k): v for k, v in self.solvers.items()},
                 "results": {str(k): v for k, v in self.results.items()},
                 "tables": {str(k): v for k, v in self.tables.items()},
                 "learn_seconds": {str(k): v for k, v in self.learn_seconds.items()}}
@@ -73,135 +73,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--rows", nargs="+", default=None,
                         help="only these row names (default: all); e.g. ddim_trailing unipc_bh2 gits_ipndm learned_unipc")
-    parser.add_argument("--tables-dir", default="benchmarks/tables", help="cache of learned tables (learned_<solver>.json)")
     parser.add_argument("--out-dir", default="benchmarks/results", help="where results JSON and markdown go")
     parser.add_argument("--docs-dir", default=None, help="write results.md and figures/ here (e.g. docs)")
     parser.add_argument("--peer-samples", type=int, default=256, help="teacher samples for GITS and AYS")
     parser.add_argument("--inception", action="store_true",
                         help="also compute Inception FID when torchmetrics and its weights are available locally")
-    # learning our tables
-    parser.add_argument("--learn", action="store_true", help="learn our tables first (and cache them), then measure")
-    parser.add_argument("--learn-only", action="store_true", help="learn and cache our tables, measure nothing")
-    parser.add_argument("--solvers", nargs="+", default=list(OUR_SOLVERS), help="solvers to learn tables for")
-    parser.add_argument("--num-iters", type=int, default=150, help="optimiser iterations per table")
-    parser.add_argument("--learn-batch-size", type=int, default=128, help="optimiser batch size")
-    parser.add_argument("--init", default="ddim_trailing",
-                        help="initial table for the optimiser: a baseline name or peer:<row> (e.g. peer:unipc_bh2)")
-    parser.add_argument("--learn-seed", type=int, default=0, help="seed of the training noise (≠ evaluation seed 1234)")
-    parser.add_argument("--optimizer-kwargs", default="{}", help="extra optimize_schedule keyword arguments (JSON)")
-    parser.add_argument("--learn-note", default="", help="free text stored with the learned tables (e.g. GPU sharing)")
-    parser.add_argument("--tables-tag", default="", help="suffix of the cache file (learned_<solver><tag>.json)")
-    parser.add_argument("--wait-for-tables", type=float, default=0.0,
-                        help="seconds to wait, after measuring the peers, for learners holding *.lock in --tables-dir")
-    # Phase 2
-    parser.add_argument("--tuned-model", default=None,
-                        help="Phase-2 tuned model folder; its scheduler/ config must hold sigma_tables and solver "
-                             "(a LearnedScheduleScheduler), or pass --tuned-tables")
-    parser.add_argument("--tuned-tables", default=None, help="JSON with {'solver', 'tables': {nfe: σ}} for --tuned-model")
+    parser.add_argument("--learned", nargs="+", default=[],
+                        help="folders written by `diffusers-fewstep optimize` or `train` (scheduler/, and unet/ after Phase 2)")
 
 
-# --- learning and loading tables -----------------------------------------------------------------------
-def initial_tables(init: str, nfes, base_config) -> Union[str, Dict[int, List[float]]]:
-    """`--init`: a baseline name of `schedules.baseline_sigmas`, or `peer:<name>` for a diffusers peer's own
-    σ's at every NFE (e.g. `peer:unipc_bh2`: learning then starts exactly from that peer's table)."""
-    if not init.startswith("peer:"):
-        return init
-    tables = {}
-    for nfe in nfes:
-        scheduler = peers.diffusers_scheduler(init[len("peer:"):], base_config)
-        scheduler.set_timesteps(nfe)
-        tables[nfe] = [float(s) for s in scheduler.sigmas]
-    return tables
+# --- our rows ---------------------------------------------------------------------------------------------
+def learned_row(folder: str, nfes) -> Row:
+    """A row for a folder of ours: its scheduler's tables and solvers, the time each table took to learn (its own
+    selection and learning plus the reference solves shared by the run), and whether it holds a tuned model."""
+    from .hub import load_json
 
-
-def learn_tables(denoiser, args, command: str, base_config=None) -> None:
-    """Learn our tables for every solver in `args.solvers` and cache them in `args.tables_dir`.
-
-    One `optimize_schedule` call per solver for all NFEs. A table's time is what learning it alone
-    costs: its own optimisation loop plus the reference solves of the training noise (shared by the NFEs).
-    """
-    from .optimizer import optimize_schedule
-
-    os.makedirs(args.tables_dir, exist_ok=True)
-    extra = json.loads(args.optimizer_kwargs)
-    for solver in args.solvers:
-        path = os.path.join(args.tables_dir, f"learned_{solver}{args.tables_tag}.json")
-        start = time.perf_counter()
-        result = optimize_schedule(denoiser, nfes=list(args.nfes), solver=solver, objective="trajectory",
-                                   num_iters=args.num_iters, batch_size=args.learn_batch_size,
-                                   init=initial_tables(args.init, args.nfes, base_config),
-                                   seed=args.learn_seed, device=args.device, progress=False, **extra)
-        shared = float(result.shared.get("seconds", 0.0))
-        record = {"solver": solver, "tables": {str(k): [float(s) for s in v] for k, v in result.tables.items()},
-                  "seconds": {str(k): float(v) + shared for k, v in result.seconds.items()},
-                  "loop_seconds": {str(k): float(v) for k, v in result.seconds.items()},
-                  "shared_seconds": shared, "total_seconds": time.perf_counter() - start,
-                  "num_evals": {str(k): int(v) for k, v in result.num_evals.items()},
-                  "shared_num_evals": int(result.shared.get("num_evals", 0)),
-                  "settings": result.settings, "command": command, "device": device_name(args.device), "date": now(),
-                  "note": args.learn_note}
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
-        for nfe, table in result.tables.items():
-            print(f"learned {solver} NFE {nfe}: loop {result.seconds[nfe]:.1f}s + shared {shared:.1f}s: "
-                  f"{[round(s, 4) for s in table]}", flush=True)
-
-
-def load_learned_rows(tables_dir: str, nfes) -> List[Row]:
-    """Our rows from the cached `learned_<solver>*.json` files (several files per solver are merged;
-    NFEs outside `nfes` are left out)."""
-    rows = []
-    for solver in OUR_SOLVERS:
-        paths = sorted(glob.glob(os.path.join(tables_dir, f"learned_{solver}*.json")))
-        if not paths:
-            continue
-        row = Row(f"learned_{solver}", f"ours: learned + {SOLVER_LABELS[solver]}", "ours", solver)
-        notes = []
-        for path in paths:
-            with open(path) as f:
-                record = json.load(f)
-            row.tables.update({int(k): v for k, v in record["tables"].items() if int(k) in nfes})
-            row.learn_seconds.update({int(k): v for k, v in record.get("seconds", {}).items() if int(k) in nfes})
-            row.commands.append(record.get("command"))
-            notes.append(f"`{path}` ({record.get('device', '?')}, {record.get('date', '?')}"
-                         + (f"; {record['note']}" if record.get("note") else "") + ")")
-        row.note = "; ".join(notes)
-        rows.append(row)
-    return rows
-
-
-def wait_for_learners(tables_dir: str, timeout: float) -> None:
-    """Wait (up to `timeout` s) while learners running beside us hold `*.lock` files in `tables_dir`."""
-    deadline = time.time() + timeout
-    while glob.glob(os.path.join(tables_dir, "*.lock")) and time.time() < deadline:
-        time.sleep(2)
-    left = glob.glob(os.path.join(tables_dir, "*.lock"))
-    if left:
-        print(f"warning: learners still running after {timeout:.0f}s: {left}; measuring the tables cached so far",
-              flush=True)
-
-
-def load_tuned(args, nfes):
-    """(denoiser, row) for a Phase-2 tuned model, or (None, None)."""
-    if not args.tuned_model:
-        return None, None
-    from .adapter import SigmaDenoiser
-    from .hub import load_json, resolve_folder
-
-    denoiser = SigmaDenoiser.from_pretrained(args.tuned_model).to(args.device).eval()
-    if args.tuned_tables:
-        record = load_json(args.tuned_tables)
-    else:
-        record = load_json(os.path.join(resolve_folder(args.tuned_model), "scheduler", "scheduler_config.json"))
-        record = {"solver": record.get("solver", "euler"), "tables": record.get("sigma_tables") or {},
-                  "seconds": (record.get("provenance") or {}).get("seconds", {})}
-    if not record["tables"]:
-        raise ValueError(f"{args.tuned_model} has no sigma_tables in scheduler/scheduler_config.json; pass --tuned-tables")
-    solver = record["solver"]
-    tables = {int(k): v for k, v in record["tables"].items() if int(k) in nfes}
-    seconds = {int(k): v for k, v in (record.get("seconds") or {}).items() if int(k) in nfes}
-    return denoiser, Row("tuned_" + solver, f"ours: Phase 2 tuned model + {SOLVER_LABELS.get(solver, solver)}",
-                         "tuned", solver, tables, seconds, note=args.tuned_model)
+    config = load_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    if not config.get("sigma_tables"):
+        raise ValueError(f"{folder}/scheduler/scheduler_config.json holds no sigma_tables; pass a folder that "
+                         "`diffusers-fewstep optimize` or `train` wrote")
+    tuned = any(os.path.isdir(os.path.join(folder, sub)) for sub in ("unet", "transformer"))
+    name = os.path.basename(os.path.normpath(folder))
+    per_nfe = (config.get("provenance") or {}).get("per_nfe", {})
+    log_file = os.path.join(folder, "optimize_log.json")
+    shared = load_json(log_file).get("shared", {}).get("seconds", 0.0) if os.path.isfile(log_file) else 0.0
+    row = Row(f"{'tuned' if tuned else 'learned'}:{name}", f"ours: {name}" + (" (tuned model)" if tuned else ""),
+              "tuned" if tuned else "ours", config.get("solver"), note=folder)
+    for key, table in config["sigma_tables"].items():
+        if int(key) in nfes:
+            row.tables[int(key)] = table
+            row.solvers[int(key)] = (config.get("solvers") or {}).get(key, config.get("solver"))
+            if "seconds" in per_nfe.get(key, {}):
+                row.learn_seconds[int(key)] = per_nfe[key]["seconds"] + shared
+    row.folder = folder
+    return row
 
 
 # --- measuring --------------------------------------------------------------------------------------------
@@ -232,19 +137,32 @@ class Harness:
         out["rmse"] = ev.endpoint_rmse(samples, self.reference)
         return out
 
-    def run_row(self, row: Row, nfes, denoiser=None) -> None:
-        denoiser = denoiser or self.denoiser
+    def samples(self, row: Row, nfe: int, model) -> torch.Tensor:
+        """The row's samples at `nfe` steps: diffusers' schedulers and our folders through the stock loop, the
+        re-implemented optimisers (and the check row) through our σ-space solvers."""
+        from .scheduler import LearnedScheduleScheduler
+
+        if row.group == "diffusers":
+            scheduler = diffusers_scheduler(row.name, self.base_config)
+            row.tables[nfe] = stock_sigmas(row.name, nfe, self.base_config)
+        elif row.folder is not None:
+            scheduler = LearnedScheduleScheduler.from_pretrained(row.folder, subfolder="scheduler")
+        else:
+            return ev.generate(self.denoiser, self.noise, row.tables[nfe], row.solver, self.args.batch_size)
+        return peers.sample_diffusers(model, scheduler, self.noise, nfe, self.args.batch_size)
+
+    def run_row(self, row: Row, nfes) -> None:
+        model = self.denoiser.model
+        if row.group == "tuned":
+            from .hub import load_model_and_scheduler_config
+
+            model = load_model_and_scheduler_config(row.folder)[0].to(self.device).eval()
         for nfe in nfes:
             if row.group != "diffusers" and nfe not in row.tables:
                 continue
             try:
-                with ev.measure_cost(self.device, denoiser) as cost:
-                    if row.group == "diffusers":
-                        scheduler = peers.diffusers_scheduler(row.name, self.base_config)
-                        samples = peers.sample_diffusers(denoiser.model, scheduler, self.noise, nfe, self.args.batch_size)
-                        row.tables[nfe] = [float(s) for s in getattr(scheduler, "sigmas", [])]
-                    else:
-                        samples = ev.generate(denoiser, self.noise, row.tables[nfe], row.solver, self.args.batch_size)
+                with ev.measure_cost(self.device) as cost:
+                    samples = self.samples(row, nfe, model)
                 result = {**self.metrics(samples), "sample_seconds": cost.seconds}
                 if nfe in row.learn_seconds:
                     result["learn_seconds"] = row.learn_seconds[nfe]
@@ -261,7 +179,8 @@ def build_rows(harness: Harness, args) -> List[Row]:
     """All rows in table order; GITS/AYS tables are learned here, timed."""
     nfes = list(args.nfes)
     wanted = (lambda name: True) if not args.rows else (lambda name: name in args.rows)
-    rows = [Row(name, peers.DIFFUSERS_PEER_LABELS[name], "diffusers") for name in peers.DIFFUSERS_PEERS if wanted(name)]
+    family = harness.denoiser.schedule.family
+    rows = [Row(name, stock.label, "diffusers") for name, stock in STOCK_SCHEDULERS[family].items() if wanted(name)]
     needed = {opt for name, (opt, _, _) in peers.OPTIMISER_PEERS.items() if wanted(name)}
     learned = peers.learn_peer_tables(harness.denoiser, nfes, device=harness.device, num_samples=args.peer_samples,
                                       batch_size=args.batch_size, optimisers=sorted(needed)) if needed else {}
@@ -407,6 +326,8 @@ def _save(fig, folder, name) -> str:
 
 def results_page(record: dict, tables_md: str, figure_names: Dict[str, str]) -> str:
     """docs/results.md: how it was made, the tables, the figures and the σ tables of the optimisers."""
+    from .hub import portable_model_ref
+
     learned = [r for r in record["rows"] if r["group"] in ("ours", "tuned")]
     lines = ["# Results: the side-by-side benchmark", "",
              "Generated by `diffusers-fewstep benchmark` (src/diffusers_fewstep/benchmark.py); do not edit by hand.", "",
@@ -423,17 +344,15 @@ def results_page(record: dict, tables_md: str, figure_names: Dict[str, str]) -> 
         lines.append(f"- standard Inception FID: {record['inception_note']}")
     for r in learned:
         if r.get("note"):
-            lines.append(f"- {r['label']}: tables from {r['note']}")
-    for cmd in sorted({c for c in record.get("learn_commands", []) if c}):
-        lines.append(f"- tables learned with: `{cmd}`")
+            lines.append(f"- {r['label']}: tables from `{portable_model_ref(r['note'])}`")
     lines += ["", "Row groups: diffusers 0.42 schedulers driven exactly as BENCHMARK.md's peer script; "
               "published schedule optimisers **re-implemented by us** from their papers (GITS: Chen et al. 2024; "
               "AYS: Sabour et al. 2024 — see `src/diffusers_fewstep/peers.py` for what differs) with the solver "
-              "each is paired with; our learned tables (Phase 1, trajectory objective, learned on noise seed "
-              "independent of the evaluation bank); when selected, a check row running our σ-space DDIM on "
-              "diffusers' trailing table. Learning times: GITS/AYS, one run for all NFEs (teacher "
-              "trajectories included); ours, per NFE, that table's own optimisation loop plus the reference "
-              "solves of the training noise (shared by all NFEs of one `optimize_schedule` call).", "", tables_md, ""]
+              "each is paired with; our folders (what `diffusers-fewstep optimize` or `train` wrote, sampled through "
+              "the stock loop with their `LearnedScheduleScheduler`; their noises are independent of the evaluation "
+              "bank); when selected, a check row running our σ-space DDIM on diffusers' trailing table. Learning "
+              "times: GITS/AYS, one run for all NFEs (teacher trajectories included); ours, per NFE, that table's own "
+              "scoring and learning plus the reference solves shared by the run.", "", tables_md, ""]
     for key, title in (("fd_vs_nfe", "FD vs NFE (log scale)"), ("sigma_tables", "Learned σ tables against the baselines"),
                        ("grids", f"Samples at {GRID_NFE} steps (same noise in every row)")):
         if key in figure_names:
@@ -470,39 +389,24 @@ def command_line() -> str:
 # --- entry point ------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     from .adapter import SigmaDenoiser
-    from .hub import load_model_and_scheduler_config
+    from .hub import load_model_and_scheduler_config, portable_model_ref
 
     command = command_line()
     torch.backends.cuda.matmul.allow_tf32 = False
     model, base_config = load_model_and_scheduler_config(args.model)
     denoiser = SigmaDenoiser(model.to(args.device).eval(), base_config)
-    if args.learn or args.learn_only:
-        learn_tables(denoiser, args, command, base_config)
-        if args.learn_only:
-            return 0
     start = time.perf_counter()
     harness = Harness(denoiser, base_config, args)
     print(f"reference FD {harness.reference_metrics['fd_fmnist']:.3f} "
           f"({harness.reference_metrics['sample_seconds']:.0f}s)", flush=True)
-    rows = build_rows(harness, args)
+    rows = build_rows(harness, args) + [learned_row(folder, list(args.nfes)) for folder in args.learned]
     for row in rows:
         harness.run_row(row, args.nfes)
-    # our rows last, so that learners sharing the GPU (--wait-for-tables) can finish meanwhile
-    wait_for_learners(args.tables_dir, args.wait_for_tables)
-    ours = [r for r in load_learned_rows(args.tables_dir, list(args.nfes)) if not args.rows or r.name in args.rows]
-    for row in ours:
-        harness.run_row(row, args.nfes)
-    rows += ours
-    tuned_denoiser, tuned_row = load_tuned(args, list(args.nfes))
-    if tuned_row is not None:
-        harness.run_row(tuned_row, args.nfes, tuned_denoiser)
-        rows.append(tuned_row)
-    record = {"command": command, "device": device_name(args.device), "date": now(), "model": args.model,
+    record = {"command": command, "device": device_name(args.device), "date": now(), "model": portable_model_ref(args.model),
               "n": args.n, "nfes": list(args.nfes), "reference": harness.reference_metrics,
               "inception_note": None if "fid_inception" in harness.feature_nets else
               "skipped (weights not available locally; pass --inception where they are)",
-              "learn_commands": [c for r in ours for c in r.commands], "seconds": time.perf_counter() - start,
-              "rows": [r.to_dict() for r in rows]}
+              "seconds": time.perf_counter() - start, "rows": [r.to_dict() for r in rows]}
     record["summary"] = summary(rows, list(args.nfes), harness.reference_metrics["fd_fmnist"])
     write_outputs(record, rows, harness, args)
     return 0

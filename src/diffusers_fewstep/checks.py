@@ -76,14 +76,14 @@ def check_solvers(option: str, value, allow_auto: bool = False) -> None:
 def check_init(option: str, value: str, allow_peer: bool = True) -> None:
     """A hand-made table `schedules.baseline_sigmas` knows, or (where allowed) `peer:<row>` of a diffusers peer."""
     from .adapter import NoiseSchedule
-    from .peers import DIFFUSERS_PEERS
-    from .schedules import baseline_sigmas
+    from .schedules import STOCK_SCHEDULERS, baseline_sigmas
 
-    peers = f"peer:<row> with a row of {list(DIFFUSERS_PEERS)}"
+    rows = [name for family in STOCK_SCHEDULERS.values() for name in family]
+    peers = f"peer:<row> with a row of {rows}"
     if allow_peer and value.startswith("peer:"):
         row = value[len("peer:"):]
-        if row not in DIFFUSERS_PEERS:
-            raise UsageError(f"{option} {value}: unknown diffusers peer {row!r}; choose a row of {list(DIFFUSERS_PEERS)}")
+        if row not in rows:
+            raise UsageError(f"{option} {value}: unknown diffusers peer {row!r}; choose a row of {rows}")
         return
     try:
         baseline_sigmas(value, 2, NoiseSchedule({"num_train_timesteps": 1000}))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import read_idx_images
-from .reference import REFERENCE_SOLVER, REFERENCE_STEPS, autocast_context, reference_sigmas, solve, start_state
+from .reference import REFERENCE_SOLVER, REFERENCE_STEPS, autocast_context, reference_sigmas, solve, start_state  # noqa: F401
 from .solvers import sample
 
 NOISE_SEED = 1234

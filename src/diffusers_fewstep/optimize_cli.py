@@ -60,16 +60,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def existing_tables(output_dir: str) -> dict:
-    """`{nfe: (table, solver)}` of a scheduler folder already in `output_dir` (empty when there is none)."""
-    path = os.path.join(output_dir, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(path):
+def existing_tables(config) -> dict:
+    """`{nfe: (table, solver)}` of a `LearnedScheduleScheduler` config (`outputs.read_scheduler_tables`)."""
+    if not config:
         return {}
-    from .hub import load_json
-
-    config = load_json(path)
     per_nfe = config.get("solvers") or {}
     return {int(k): (v, per_nfe.get(k, config.get("solver", "euler"))) for k, v in (config.get("sigma_tables") or {}).items()}
+
+
+def save_merged(output_dir: str, base_config, result: ScheduleResult, existing_config, overwrite: bool,
+                base_model: str) -> dict:
+    """Add `result`'s tables to the folder's (atomically): an NFE already there is replaced when the new run kept
+    a new table for it (the old one competed and lost) or with `overwrite`. Returns `{nfe: "added"|"replaced"|"kept"}`."""
+    from .outputs import atomic_write_json, merge_tables, write_scheduler
+    from .plotting import plot_schedule_comparison
+
+    old = existing_tables(existing_config)
+    kept_old = {n for n in result.tables if not overwrite and _kept(result, n)["source"] == "existing"}
+    replace = [n for n in result.tables if n in old and n not in kept_old]
+    prov = result.provenance(base_model)
+    tables, solvers, provenance = merge_tables(existing_config, result.tables, result.solvers, {
+        n: r for n, r in ((int(k), v) for k, v in prov.pop("per_nfe").items())}, replace, run_provenance=prov)
+    default = max(sorted(set(solvers.values())), key=list(solvers.values()).count)
+    scheduler = write_scheduler(output_dir, base_config, tables, solvers, default, provenance)
+    plot_schedule_comparison(tables, scheduler.noise_schedule, os.path.join(output_dir, "schedule.png"),
+                             title=f"σ tables in {os.path.basename(os.path.abspath(output_dir))}")
+    atomic_write_json(os.path.join(output_dir, "optimize_log.json"), result.log(base_model))
+    return {n: "kept" if n in kept_old else "replaced" if n in replace else "added" for n in result.tables}
+
+
+def _kept(result: ScheduleResult, nfe: int) -> dict:
+    return next(c for c in result.candidates[nfe] if c["kept"])
 
 
 def summary_lines(result: ScheduleResult, measure: str) -> list:
@@ -92,38 +113,50 @@ def run(args: argparse.Namespace) -> int:
     """Learn, select and save the tables; print the held-out comparison and where the files are."""
     from .adapter import SigmaDenoiser
     from .data import load_images
-    from .hub import load_model_and_scheduler_config
+    from .hub import load_model_and_scheduler_config, portable_model_ref
+    from .outputs import read_scheduler_tables
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
+    existing_config = read_scheduler_tables(args.output_dir)
     model, config = load_model_and_scheduler_config(args.model)
     denoiser = SigmaDenoiser(model.to(device).eval(), config)
     data = load_images(args.data, _infer_sample_shape(denoiser)) if args.data else None
-    existing = {} if args.overwrite else existing_tables(args.output_dir)
-    kept_before = {n: t for n, t in existing.items() if n not in args.nfe}
+    base_model = portable_model_ref(args.model)
+    existing = {} if args.overwrite else existing_tables(existing_config)
+    status = {}
 
-    def save(nfe, result):
-        partial = ScheduleResult({**{n: t for n, (t, _) in kept_before.items()}, **result.tables},
-                                 {**{n: s for n, (_, s) in kept_before.items()}, **result.solvers},
-                                 result.candidates, result.history, result.seconds, result.num_evals,
-                                 result.settings, result.shared)
-        partial.save(args.output_dir, config, base_model=args.model)
+    def save(nfe, result):  # each step count as soon as it is done, merged with the folder's tables
+        status.update(save_merged(args.output_dir, config, result, existing_config, args.overwrite, base_model))
 
     result = optimize_schedule(
         denoiser, nfes=args.nfe, solver=args.solver, objective=args.objective, loss=args.loss,
         select_by=args.select_by, starts=pick("starts"), free_last=args.free_last, method=args.method,
         num_iters=pick("max_iters"), batch_size=pick("batch_size"), lr=args.lr,
-        validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data, init=args.init,
-        existing={n: v for n, v in existing.items() if n in args.nfe}, reference_steps=pick("reference_steps"),
-        seed=args.seed, device=device, progress=not args.quiet, patience=args.patience,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, on_table=save)
+        validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data,
+        init=initial_tables(args.init, args.nfe, config), existing={n: v for n, v in existing.items() if n in args.nfe},
+        reference_steps=pick("reference_steps"), seed=args.seed, device=device, progress=not args.quiet,
+        patience=args.patience, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, on_table=save)
     if result.settings["validation_size"]:
         print("\n".join(summary_lines(result, args.select_by)))
-    for nfe in result.tables:
-        kept = next(c for c in result.candidates[nfe] if c["kept"])
-        if kept["source"] == "existing":
-            print(f"NFE {nfe}: kept the table already in {args.output_dir} (it scores better than the new ones)")
-    print(f"wrote {args.output_dir}/scheduler (tables for {sorted(set(result.tables) | set(kept_before))} steps), "
-          f"{args.output_dir}/schedule.png, {args.output_dir}/optimize_log.json")
+    for nfe, what in status.items():
+        if what != "added":
+            reason = "--overwrite" if args.overwrite else "it scored better on the held-out noises"
+            print(f"NFE {nfe}: {'replaced the table' if what == 'replaced' else 'kept the better table'} already in "
+                  f"{args.output_dir}" + (f" ({reason})" if what == "replaced" else ""))
+    every = sorted(set(result.tables) | set(existing_tables(existing_config)))
+    print(f"wrote {args.output_dir}/scheduler (tables for {every} steps), {args.output_dir}/schedule.png, "
+          f"{args.output_dir}/optimize_log.json")
     return 0
+
+
+def initial_tables(init, nfes, base_config):
+    """`--init`: a baseline name of `schedules.baseline_sigmas`, or `peer:<name>` for a diffusers scheduler's own σ's
+    (:data:`~diffusers_fewstep.schedules.STOCK_SCHEDULERS`) at every NFE."""
+    if init is None or not init.startswith("peer:"):
+        return init
+    from .schedules import stock_sigmas
+
+    return {nfe: stock_sigmas(init[len("peer:"):], nfe, base_config) for nfe in nfes}

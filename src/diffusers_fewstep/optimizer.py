@@ -19,7 +19,6 @@ or the gradient-free `fixed_point` iteration on the bound's stationarity conditi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -144,31 +143,29 @@ class ScheduleResult:
 
     def to_scheduler(self, base_scheduler_config, provenance: Optional[dict] = None):
         """A :class:`~diffusers_fewstep.LearnedScheduleScheduler` holding the kept tables and their solvers."""
-        from .scheduler import LearnedScheduleScheduler
+        from .outputs import _build_scheduler
 
-        return LearnedScheduleScheduler.from_config(
-            dict(base_scheduler_config), sigma_tables={str(k): v for k, v in self.tables.items()},
-            solver=self.solver, solvers={str(k): v for k, v in self.solvers.items()},
-            provenance=provenance if provenance is not None else self.provenance())
+        return _build_scheduler(base_scheduler_config, self.tables, self.solvers, self.solver,
+                                provenance if provenance is not None else self.provenance())
+
+    def log(self, base_model: Optional[str] = None) -> dict:
+        """Everything of the run as plain JSON (`optimize_log.json`)."""
+        keyed = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
+        return {"base_model": base_model, "tables": keyed(self.tables), "solvers": keyed(self.solvers),
+                "candidates": keyed(self.candidates), "history": keyed(self.history), "seconds": keyed(self.seconds),
+                "num_evals": keyed(self.num_evals), "shared": self.shared, "settings": self.settings}
 
     def save(self, output_dir: str, base_scheduler_config, base_model: Optional[str] = None) -> str:
-        """Write `output_dir/scheduler/` (save_pretrained), `schedule.png` and `optimize_log.json`."""
+        """Write `output_dir/scheduler/`, `schedule.png` and `optimize_log.json` (each write atomic). The
+        `optimize` CLI adds its tables to those already in the folder instead (:mod:`~diffusers_fewstep.optimize_cli`)."""
+        from .outputs import atomic_write_json, write_scheduler
         from .plotting import plot_schedule_comparison
 
-        os.makedirs(output_dir, exist_ok=True)
-        scheduler = self.to_scheduler(base_scheduler_config, self.provenance(base_model))
-        scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+        prov = self.provenance(base_model)
+        scheduler = write_scheduler(output_dir, base_scheduler_config, self.tables, self.solvers, self.solver, prov)
         plot_schedule_comparison(self.tables, scheduler.noise_schedule, os.path.join(output_dir, "schedule.png"),
                                  title=f"kept tables · {self.settings['loss']} loss · {self.settings['select_by']}")
-        log = {"base_model": base_model, "tables": {str(k): v for k, v in self.tables.items()},
-               "solvers": {str(k): v for k, v in self.solvers.items()},
-               "candidates": {str(k): v for k, v in self.candidates.items()},
-               "history": {str(k): v for k, v in self.history.items()},
-               "seconds": {str(k): v for k, v in self.seconds.items()},
-               "num_evals": {str(k): v for k, v in self.num_evals.items()},
-               "shared": self.shared, "settings": self.settings}
-        with open(os.path.join(output_dir, "optimize_log.json"), "w") as f:
-            json.dump(log, f, indent=1)
+        atomic_write_json(os.path.join(output_dir, "optimize_log.json"), self.log(base_model))
         return output_dir
 
 

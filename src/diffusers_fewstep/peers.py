@@ -27,40 +27,11 @@ import torch
 from . import reference
 from .evaluation import generate, noise_bank
 from .reference import autocast_context
-from .schedules import loguniform_sigmas, time_uniform_sigmas
+from .schedules import STOCK_SCHEDULERS, diffusers_scheduler, loguniform_sigmas, time_uniform_sigmas  # noqa: F401
 from .solvers import first_order_step
 
 # --- 1. diffusers schedulers ----------------------------------------------------------------------
-# name -> (diffusers class, config overrides), as in BENCHMARK.md's peer script
-DIFFUSERS_PEERS = {
-    "ddim_leading": ("DDIMScheduler", {"timestep_spacing": "leading", "set_alpha_to_one": True}),
-    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
-    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-    "dpmpp2m_karras": ("DPMSolverMultistepScheduler",
-                       {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp2m_lu": ("DPMSolverMultistepScheduler",
-                   {"use_lu_lambdas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "unipc_bh2": ("UniPCMultistepScheduler", {"solver_order": 2}),
-    "unipc_bh2_karras": ("UniPCMultistepScheduler", {"solver_order": 2, "use_karras_sigmas": True}),
-}
-DIFFUSERS_PEER_LABELS = {
-    "ddim_leading": "DDIM leading", "ddim_trailing": "DDIM trailing", "euler_karras": "Euler Karras",
-    "dpmpp2m_karras": "DPM++2M Karras", "dpmpp2m_lu": "DPM++2M logSNR", "unipc_bh2": "UniPC bh2",
-    "unipc_bh2_karras": "UniPC bh2 Karras",
-}
-
-
-def diffusers_scheduler(name: str, base_config: dict):
-    """A fresh diffusers scheduler for peer `name`, built from the model's scheduler config."""
-    import diffusers
-
-    if name not in DIFFUSERS_PEERS:
-        raise ValueError(f"unknown diffusers peer {name!r}; choose from {list(DIFFUSERS_PEERS)}")
-    cls_name, overrides = DIFFUSERS_PEERS[name]
-    base = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
-    return getattr(diffusers, cls_name).from_config({**base, **overrides})
-
-
+# the registry (per model family) and `diffusers_scheduler` live with the stock σ sets in schedules.py
 @torch.no_grad()
 def sample_diffusers(unet, scheduler, noise: torch.Tensor, nfe: int, batch_size: int = 2500) -> torch.Tensor:
     """Sample with a diffusers scheduler at `nfe` steps from native noise, clamped to [-1, 1]."""
@@ -251,6 +222,6 @@ def learn_peer_tables(denoiser, nfes: Sequence[int], device="cpu", seed: int = 0
     return out
 
 
-__all__ = ["DIFFUSERS_PEERS", "OPTIMISER_PEERS", "diffusers_scheduler", "sample_diffusers", "dp_optimal_path",
+__all__ = ["STOCK_SCHEDULERS", "OPTIMISER_PEERS", "diffusers_scheduler", "sample_diffusers", "dp_optimal_path",
            "teacher_trajectories", "gits_cost_matrix", "ays_cost_matrix", "gits_sigmas", "ays_sigmas",
            "learn_peer_tables", "generate"]
