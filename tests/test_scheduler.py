@@ -141,6 +141,9 @@ def test_bad_tables_rejected(table, message):
 def test_table_length_must_match_its_key_and_unknown_names_are_errors(tmp_path):
     with pytest.raises(ValueError, match="has 4 entries"):
         LearnedScheduleScheduler(sigma_tables={5: [157.4, 3.0, 1.0, 0.0]})
+    for key in ("two", "2.0", "0", "-1"):
+        with pytest.raises(ValueError, match=f"^σ table key '{key}' is not a step count \\("):
+            LearnedScheduleScheduler(sigma_tables={key: [157.4, 1.0, 0.0]})
     with pytest.raises(ValueError, match="unknown solver"):
         LearnedScheduleScheduler(solver="heun3")
     with pytest.raises(ValueError, match="unknown prediction_type"):

@@ -37,6 +37,14 @@ class LearnedScheduleSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
+def _step_count(key, name: str) -> int:
+    """The step count that a config key (`4` or `"4"`) names; raise if it names none."""
+    text = str(key).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name} key {key!r} is not a step count (keys are numbers of model evaluations, e.g. '4')")
+    return int(text)
+
+
 class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
     """Few-step sampling on σ tables learned for one model and one solver
     ("Optimizing Few-Step Sampler for Diffusion Probabilistic Model", [arXiv 2412.10786](https://arxiv.org/abs/2412.10786)).
@@ -85,14 +93,15 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         self.noise_schedule = NoiseSchedule(self.config)
         solvers.canonical_solver(solver)
         tables = {}
-        for nfe, table in (sigma_tables or {}).items():
+        for key, table in (sigma_tables or {}).items():
+            nfe = _step_count(key, "σ table")
             values = validate_sigmas(table, self.noise_schedule.sigma_min, self.noise_schedule.sigma_max,
                                      name=f"σ table for {nfe} steps")
-            if str(len(values) - 1) != str(nfe):
+            if len(values) - 1 != nfe:
                 raise ValueError(f"σ table for {nfe} steps has {len(values)} entries; a table for N steps has N+1")
-            tables[str(nfe)] = values
+            tables[nfe] = values
         # plain JSON: string keys, lists of floats
-        self.register_to_config(sigma_tables=dict(sorted(tables.items(), key=lambda kv: int(kv[0]))))
+        self.register_to_config(sigma_tables={str(nfe): tables[nfe] for nfe in sorted(tables)})
         self.init_noise_sigma = 1.0
         self.sigmas = None
         self.timesteps = None
