@@ -113,9 +113,11 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """Like `ConfigMixin.from_config`, but recognises flow-matching configs (sets `family="flow"`)."""
+        """Like `ConfigMixin.from_config`, but recognises flow-matching configs (sets `family="flow"`; a VP config
+        leaves `family` at its default, so a round trip through a compatible scheduler keeps the config)."""
         if isinstance(config, dict) and "family" not in kwargs and "family" not in config:
-            kwargs["family"] = config_family(config)
+            if config_family(config) == "flow":
+                kwargs["family"] = "flow"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # --- bookkeeping ----------------------------------------------------------------------
