@@ -5,7 +5,8 @@ import inspect
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_snr
 from diffusers.utils import is_torchsde_available
 from diffusers.utils import logging as diffusers_logging
 
@@ -138,6 +139,17 @@ def test_round_trip_through_compatible_schedulers_keeps_the_config(kind, built):
         assert not (set(back.config) - set(sched.config)) & init_keys
 
 
+@pytest.mark.parametrize("kind", VP_KINDS)
+def test_trained_betas_round_trip(kind, tmp_path):
+    betas = DDPMScheduler(**KINDS[kind]).betas.numpy()
+    sched = LearnedScheduleScheduler(trained_betas=betas, sigma_tables={2: [10.0, 1.0, 0.0]})
+    sched.save_pretrained(tmp_path)
+    loaded = LearnedScheduleScheduler.from_pretrained(tmp_path)
+    assert loaded.betas.tolist() == sched.betas.tolist()
+    last = -1 if kind == "zero_snr" else None  # β_T = 1: ᾱ_T = 0 is capped at 2⁻²⁴
+    torch.testing.assert_close(sched.betas[:last], torch.from_numpy(betas)[:last], rtol=0, atol=2e-7)
+
+
 # --- step -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("kind", KINDS)
@@ -224,3 +236,29 @@ def test_public_api(kind):
     assert sched.config.solver == "euler" and sched.begin_index is None and sched.step_index is None
     with pytest.raises(AttributeError, match="'LearnedScheduleScheduler' object has no attribute 'does_not_exist'"):
         sched.does_not_exist
+
+
+@pytest.mark.parametrize("kind", VP_KINDS)
+def test_vp_attributes_match_diffusers(kind):
+    """`betas`, `alphas`, `alphas_cumprod` as DDPMScheduler (ᾱ_T = 2⁻²⁴ with zero terminal SNR, as
+    EulerDiscreteScheduler); diffusers' `compute_snr` reads them and gets 1/σ²."""
+    sched, ddpm = make(kind), DDPMScheduler(**KINDS[kind])
+    assert torch.equal(sched.alphas_cumprod, EulerDiscreteScheduler(**KINDS[kind]).alphas_cumprod)
+    last = -1 if kind == "zero_snr" else None  # DDPM: β_T = 1, ᾱ_T = 0
+    torch.testing.assert_close(sched.betas[:last], ddpm.betas[:last], rtol=0, atol=2e-7)
+    torch.testing.assert_close(sched.alphas[:last], ddpm.alphas[:last], rtol=0, atol=2e-7)
+    torch.testing.assert_close(sched.alphas_cumprod, torch.cumprod(sched.alphas, 0), rtol=1e-5, atol=0)
+    t = torch.tensor([0, 10, 500, 998, 999])
+    snr = compute_snr(sched, t)
+    torch.testing.assert_close(snr.double(), sched.noise_schedule.t_to_sigma(t) ** -2, rtol=1e-5, atol=0)
+    assert not hasattr(sched, "sigma_min")
+
+
+def test_flow_attributes_match_flow_match_euler():
+    """`sigma_min` / `sigma_max` as FlowMatchEulerDiscreteScheduler (s ∈ (0, 1]); σ_max is capped at 4096
+    (s = 4096/4097) where the flow scheduler starts at s = 1."""
+    sched, flow = make("flow"), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert sched.sigma_min == pytest.approx(flow.sigma_min, rel=1e-6)
+    assert sched.sigma_max == pytest.approx(flow.sigma_max, abs=1 / 4097 + 1e-9) and sched.sigma_max < 1
+    assert not hasattr(sched, "alphas_cumprod")
+

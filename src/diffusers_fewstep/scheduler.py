@@ -102,6 +102,7 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
             tables[nfe] = values
         # plain JSON: string keys, lists of floats
         self.register_to_config(sigma_tables={str(nfe): tables[nfe] for nfe in sorted(tables)})
+        self._expose_noise_schedule()
         self.init_noise_sigma = 1.0
         self.sigmas = None
         self.timesteps = None
@@ -119,6 +120,20 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
             if config_family(config) == "flow":
                 kwargs["family"] = "flow"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _expose_noise_schedule(self):
+        """The attributes diffusers' schedulers expose, derived from the one noise schedule sampled with: VP `betas`,
+        `alphas`, `alphas_cumprod` as `DDPMScheduler` (read by `training_utils.compute_snr`; ᾱ_T = 2⁻²⁴ with zero
+        terminal SNR, as `EulerDiscreteScheduler`); flow `sigma_min`, `sigma_max` as `FlowMatchEulerDiscreteScheduler`
+        (s ∈ (0, 1]; σ_max is capped, so `sigma_max` = 4096/4097)."""
+        train_sigmas = self.noise_schedule.train_sigmas
+        if self.noise_schedule.family == "flow":
+            s = train_sigmas / (1 + train_sigmas)
+            self.sigma_min, self.sigma_max = float(s[0]), float(s[-1])
+            return
+        alphas_cumprod = (1 + train_sigmas**2).reciprocal()
+        alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+        self.alphas_cumprod, self.alphas, self.betas = alphas_cumprod.float(), alphas.float(), (1 - alphas).float()
 
     # --- bookkeeping ----------------------------------------------------------------------
     @property
