@@ -141,6 +141,9 @@ def test_bad_tables_rejected(table, message):
 def test_table_length_must_match_its_key_and_unknown_names_are_errors(tmp_path):
     with pytest.raises(ValueError, match="has 4 entries"):
         LearnedScheduleScheduler(sigma_tables={5: [157.4, 3.0, 1.0, 0.0]})
+    for key in ("two", "2.0", "0", "-1"):
+        with pytest.raises(ValueError, match=f"^σ table key '{key}' is not a step count \\("):
+            LearnedScheduleScheduler(sigma_tables={key: [157.4, 1.0, 0.0]})
     with pytest.raises(ValueError, match="unknown solver"):
         LearnedScheduleScheduler(solver="heun3")
     with pytest.raises(ValueError, match="unknown prediction_type"):
@@ -165,3 +168,56 @@ def test_check_compatible_rejects_other_model_families():
 
     with pytest.raises(ValueError, match="family"):
         sched.check_compatible(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+
+
+PER_NFE_TABLES = {4: [157.4, 17.0, 3.0, 0.5, 0.0], 6: [157.4, 40.0, 10.0, 3.0, 1.0, 0.2, 0.0],
+                  8: [157.4, 60, 25.0, 10.0, 4.0, 1.5, 0.5, 0.1, 0.0]}
+
+
+def test_per_nfe_solver_is_chosen_by_set_timesteps_and_used_by_step(fixture_pipe, fixture_noise):
+    """`solvers` picks the solver per step count (the nearest table's for an interpolated run); `solver` covers the
+    rest and explicit σ's. A 4-step run then samples exactly as a scheduler made for that solver alone."""
+    base = fixture_pipe.scheduler.config
+    sched = LearnedScheduleScheduler.from_config(base, sigma_tables=PER_NFE_TABLES, solver="euler",
+                                                 solvers={4: "unipc", "8": "dpm++2m"}, allow_interpolation=True)
+    assert sched.active_solver == "euler"
+    picked = {}
+    for steps in (3, 4, 5, 6, 7, 8):
+        sched.set_timesteps(steps)
+        picked[steps] = sched.active_solver
+    assert picked == {3: "unipc", 4: "unipc", 5: "euler", 6: "euler", 7: "dpmpp_2m", 8: "dpmpp_2m"}
+    sched.set_timesteps(sigmas=PER_NFE_TABLES[4][:-1])
+    assert sched.active_solver == "euler"
+    with pytest.raises(AttributeError):
+        sched.active_solver = "ipndm"
+    out = denoise_loop(fixture_pipe.unet, sched, fixture_noise, 4)
+    alone = LearnedScheduleScheduler.from_config(base, sigma_tables=PER_NFE_TABLES, solver="unipc")
+    assert torch.equal(out, denoise_loop(fixture_pipe.unet, alone, fixture_noise, 4))
+    euler = LearnedScheduleScheduler.from_config(base, sigma_tables=PER_NFE_TABLES)
+    assert (out - denoise_loop(fixture_pipe.unet, euler, fixture_noise, 4)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("solvers,message", [
+    ({4: "heun"}, r"^solvers\['4'\]: unknown solver 'heun'; choose one of"),
+    ({"four": "unipc"}, r"^solvers key 'four' is not a step count \("),
+    ({5: "unipc"}, r"^solvers lists 'unipc' for 5 steps but there is no 5-step σ table; tables exist for \[4, 6, 8\]"),
+])
+def test_per_nfe_solver_validation(solvers, message):
+    with pytest.raises(ValueError, match=message):
+        LearnedScheduleScheduler(sigma_tables=PER_NFE_TABLES, solvers=solvers)
+
+
+def test_per_nfe_solvers_round_trip_and_older_configs_load_unchanged(tmp_path):
+    sched = LearnedScheduleScheduler(sigma_tables=PER_NFE_TABLES, solver="ipndm", solvers={8: "unipc", 4: "ddim"})
+    sched.save_pretrained(tmp_path / "new")
+    raw = json.loads((tmp_path / "new" / "scheduler_config.json").read_text())
+    assert raw["solvers"] == {"4": "ddim", "8": "unipc"} and list(raw["solvers"]) == ["4", "8"]
+    loaded = LearnedScheduleScheduler.from_pretrained(tmp_path / "new")
+    assert [loaded.set_timesteps(n) or loaded.active_solver for n in (4, 6, 8)] == ["euler", "ipndm", "unipc"]
+    # a config written before `solvers` existed: one solver for every table
+    del raw["solvers"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "scheduler_config.json").write_text(json.dumps(raw))
+    old = LearnedScheduleScheduler.from_pretrained(tmp_path / "old")
+    assert old.config.solvers is None
+    assert [old.set_timesteps(n) or old.active_solver for n in (4, 6, 8)] == ["ipndm"] * 3

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusers_fewstep import karras_sigmas, loguniform_sigmas, sample
-from diffusers_fewstep.solvers import SOLVERS, canonical_solver
+from diffusers_fewstep.solvers import SOLVERS, canonical_solver, first_order_step, step
 
 S_DATA = 0.5
 
@@ -59,3 +59,30 @@ def test_solver_names():
     assert canonical_solver("ddim") == "euler" and canonical_solver("unipc_bh2") == "unipc"
     with pytest.raises(ValueError, match="unknown solver 'rk45'"):
         canonical_solver("rk45")
+
+
+def run_from(solver, x, sigmas, begin):
+    """Solve from sigmas[begin] to the end with a fresh state, as a scheduler does after `set_begin_index(begin)`."""
+    state = None
+    for i in range(begin, len(sigmas) - 1):
+        x, state = step(solver, x, gaussian_denoiser(x, sigmas[i]), sigmas, i, state)
+    return x
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("begin", [1, 2, 4])
+def test_run_begun_mid_table_is_the_run_over_the_tables_tail(solver, begin):
+    """Image-to-image starts part-way down the table: the order follows the history, not the index, so the run
+    is bit-identical to a fresh run over sigmas[begin:] (diffusers' `lower_order_nums` warm-up)."""
+    sigmas = karras_sigmas(6, 0.02, 80.0)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * sigmas[begin]
+    assert torch.equal(run_from(solver, x, sigmas, begin), run_from(solver, x, sigmas[begin:], 0))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_first_step_of_any_run_is_the_first_order_step(solver):
+    sigmas = karras_sigmas(6, 0.02, 80.0)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * sigmas[2]
+    denoised = gaussian_denoiser(x, sigmas[2])
+    x_next, _ = step(solver, x, denoised, sigmas, 2, None)
+    torch.testing.assert_close(x_next, first_order_step(x, sigmas[2], sigmas[3], denoised), rtol=1e-12, atol=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,9 +17,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from . import solvers
 from .adapter import SIGMA_MAX_CAP, NoiseSchedule, config_family
 from .schedules import interpolate_sigmas, validate_sigmas
+from .solvers import canonical_solver
+from .solvers import step as solver_step
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,42 @@ class LearnedScheduleSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: Optional[torch.Tensor] = None
+
+
+def _step_count(key, name: str) -> int:
+    """The step count that a config key (`4` or `"4"`) names; raise if it names none."""
+    text = str(key).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name} key {key!r} is not a step count (keys are numbers of model evaluations, e.g. '4')")
+    return int(text)
+
+
+def _checked_tables(sigma_tables: Mapping, schedule: NoiseSchedule) -> Dict[str, List[float]]:
+    """The `sigma_tables` config entry validated against the model's σ range, as plain JSON ({"<nfe>": [σ…]})."""
+    checked = {}
+    for key, table in sigma_tables.items():
+        nfe = _step_count(key, "σ table")
+        values = validate_sigmas(table, schedule.sigma_min, schedule.sigma_max, name=f"σ table for {nfe} steps")
+        if len(values) - 1 != nfe:
+            raise ValueError(f"σ table for {nfe} steps has {len(values)} entries; a table for N steps has N+1")
+        checked[nfe] = values
+    return {str(nfe): checked[nfe] for nfe in sorted(checked)}
+
+
+def _checked_solvers(solvers: Mapping, nfes: Sequence[int]) -> Dict[str, str]:
+    """The `solvers` config entry validated against the table step counts `nfes`, as plain JSON ({"<nfe>": name})."""
+    checked = {}
+    for key, name in solvers.items():
+        nfe = _step_count(key, "solvers")
+        if nfe not in nfes:
+            raise ValueError(f"solvers lists {name!r} for {nfe} steps but there is no {nfe}-step σ table; tables exist "
+                             f"for {sorted(nfes)}; drop the entry or add the table")
+        try:
+            canonical_solver(name)
+        except ValueError as err:
+            raise ValueError(f"solvers[{str(nfe)!r}]: {err}") from None
+        checked[nfe] = name
+    return {str(nfe): checked[nfe] for nfe in sorted(checked)}
 
 
 class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
@@ -56,7 +93,9 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         sigma_tables (`dict[str, list[float]]`, *optional*): `{"<nfe>": [σ_0, …, σ_nfe]}` in σ-space
             (`x = x0 + σ·ε`); σ_nfe may be 0.
         solver (`str`, defaults to `"euler"`): the solver the tables were learned for: `euler` (≡ DDIM),
-            `dpmpp_2m`, `unipc` or `ipndm`.
+            `dpmpp_2m`, `unipc` or `ipndm`; with `solvers`, the solver for step counts it does not list.
+        solvers (`dict[str, str]`, *optional*): `{"<nfe>": solver}`, the solver each table was learned for where it
+            differs by step count; `set_timesteps` picks the run's solver (see `active_solver`).
         allow_interpolation (`bool`, defaults to `False`): for a step count without a table, resample the nearest
             table in log σ (a labelled fallback) instead of raising.
         provenance (`dict`, *optional*): where the tables came from (base model, objective, metrics).
@@ -79,20 +118,17 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         shift: float = 1.0,
         sigma_tables: Optional[Dict[str, List[float]]] = None,
         solver: str = "euler",
+        solvers: Optional[Dict[str, str]] = None,
         allow_interpolation: bool = False,
         provenance: Optional[Dict[str, Any]] = None,
     ):
         self.noise_schedule = NoiseSchedule(self.config)
-        solvers.canonical_solver(solver)
-        tables = {}
-        for nfe, table in (sigma_tables or {}).items():
-            values = validate_sigmas(table, self.noise_schedule.sigma_min, self.noise_schedule.sigma_max,
-                                     name=f"σ table for {nfe} steps")
-            if str(len(values) - 1) != str(nfe):
-                raise ValueError(f"σ table for {nfe} steps has {len(values)} entries; a table for N steps has N+1")
-            tables[str(nfe)] = values
-        # plain JSON: string keys, lists of floats
-        self.register_to_config(sigma_tables=dict(sorted(tables.items(), key=lambda kv: int(kv[0]))))
+        self._active_solver = canonical_solver(solver)
+        # plain JSON: string keys in step order, lists of floats
+        self.register_to_config(sigma_tables=_checked_tables(sigma_tables or {}, self.noise_schedule))
+        if solvers is not None:
+            self.register_to_config(solvers=_checked_solvers(solvers, self.available_nfes))
+        self._expose_noise_schedule()
         self.init_noise_sigma = 1.0
         self.sigmas = None
         self.timesteps = None
@@ -104,15 +140,36 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """Like `ConfigMixin.from_config`, but recognises flow-matching configs (sets `family="flow"`)."""
+        """Like `ConfigMixin.from_config`, but recognises flow-matching configs (sets `family="flow"`; a VP config
+        leaves `family` at its default, so a round trip through a compatible scheduler keeps the config)."""
         if isinstance(config, dict) and "family" not in kwargs and "family" not in config:
-            kwargs["family"] = config_family(config)
+            if config_family(config) == "flow":
+                kwargs["family"] = "flow"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _expose_noise_schedule(self):
+        """The attributes diffusers' schedulers expose, derived from the one noise schedule sampled with: VP `betas`,
+        `alphas`, `alphas_cumprod` as `DDPMScheduler` (read by `training_utils.compute_snr`; ᾱ_T = 2⁻²⁴ with zero
+        terminal SNR, as `EulerDiscreteScheduler`); flow `sigma_min`, `sigma_max` as `FlowMatchEulerDiscreteScheduler`
+        (s ∈ (0, 1]; σ_max is capped, so `sigma_max` = 4096/4097)."""
+        train_sigmas = self.noise_schedule.train_sigmas
+        if self.noise_schedule.family == "flow":
+            s = train_sigmas / (1 + train_sigmas)
+            self.sigma_min, self.sigma_max = float(s[0]), float(s[-1])
+            return
+        alphas_cumprod = (1 + train_sigmas**2).reciprocal()
+        alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+        self.alphas_cumprod, self.alphas, self.betas = alphas_cumprod.float(), alphas.float(), (1 - alphas).float()
 
     # --- bookkeeping ----------------------------------------------------------------------
     @property
     def available_nfes(self) -> List[int]:
         return [int(k) for k in self.config.sigma_tables]
+
+    @property
+    def active_solver(self) -> str:
+        """The solver `step` uses: chosen by `set_timesteps` from `solvers` for the run's table, else `solver`."""
+        return self._active_solver
 
     @property
     def step_index(self):
@@ -140,23 +197,35 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("these σ tables were learned for a different model: " + "; ".join(diffs))
 
     # --- tables -----------------------------------------------------------------------------
-    def table_for(self, num_inference_steps: int) -> List[float]:
-        """The σ table for a step count (or, with `allow_interpolation`, the labelled log-σ fallback)."""
-        tables = self.config.sigma_tables
-        if str(num_inference_steps) in tables:
-            self.table_source = f"learned ({num_inference_steps} steps)"
-            return tables[str(num_inference_steps)]
-        if not tables:
+    def _table_nfe(self, num_inference_steps: int) -> int:
+        """The step count of the table a run of `num_inference_steps` uses: its own, or with `allow_interpolation`
+        the nearest one."""
+        if num_inference_steps in self.available_nfes:
+            return num_inference_steps
+        if not self.available_nfes:
             raise ValueError("this scheduler holds no σ tables; learn some with `diffusers-fewstep optimize` "
                              "or pass `sigmas=`")
         if not self.config.allow_interpolation:
             raise ValueError(
                 f"no σ table for {num_inference_steps} steps; tables exist for {self.available_nfes}; "
                 "pass allow_interpolation=True (log-σ fallback) or learn one with `diffusers-fewstep optimize`")
-        nearest = min(self.available_nfes, key=lambda n: (abs(n - num_inference_steps), -n))
-        self.table_source = f"interpolated in log σ from the {nearest}-step table"
+        return min(self.available_nfes, key=lambda n: (abs(n - num_inference_steps), -n))
+
+    def table_for(self, num_inference_steps: int) -> List[float]:
+        """The σ table for a step count (or, with `allow_interpolation`, the labelled log-σ fallback)."""
+        nfe = self._table_nfe(num_inference_steps)
+        table = self.config.sigma_tables[str(nfe)]
+        if nfe == num_inference_steps:
+            self.table_source = f"learned ({nfe} steps)"
+            return table
+        self.table_source = f"interpolated in log σ from the {nfe}-step table"
         logger.warning("no σ table for %d steps: %s (fallback, not learned)", num_inference_steps, self.table_source)
-        return interpolate_sigmas(tables[str(nearest)], num_inference_steps).tolist()
+        return interpolate_sigmas(table, num_inference_steps).tolist()
+
+    def solver_for(self, num_inference_steps: int) -> str:
+        """The solver for a run of that many steps: `solvers`' entry for the table used, else `solver`."""
+        nfe = self._table_nfe(num_inference_steps)
+        return canonical_solver((self.config.solvers or {}).get(str(nfe), self.config.solver))
 
     def set_timesteps(
         self,
@@ -166,7 +235,7 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         sigmas: Optional[Sequence[float]] = None,
         mu: Optional[float] = None,
     ):
-        """Select the σ table for this run.
+        """Select the σ table and the solver (`active_solver`) for this run.
 
         Args:
             num_inference_steps (`int`, *optional*): picks the learned table for that many model evaluations.
@@ -174,12 +243,14 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
             timesteps (`list[float]`, *optional*): explicit model timesteps (one per evaluation); the last step goes to σ=0.
             sigmas (`list[float]`, *optional*): explicit σ's in the base scheduler's convention (VP: σ-space σ as
                 `EulerDiscreteScheduler`; flow: s ∈ (0, 1] as `FlowMatchEulerDiscreteScheduler`), one per evaluation,
-                used as given (no shift); a final 0 is appended unless present.
+                used as given (no shift); a final 0 is appended unless present. Explicit `timesteps` or `sigmas` run
+                with `solver`.
             mu (`float`, *optional*): accepted for flow pipelines with dynamic shifting and ignored (tables are fixed).
         """
         if sum(a is not None for a in (timesteps, sigmas)) > 1:
             raise ValueError("pass only one of `timesteps` or `sigmas`")
         schedule = self.noise_schedule
+        solver = self.config.solver
         if sigmas is not None:
             values = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
             if schedule.family == "flow":
@@ -192,6 +263,7 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
             self.table_source = "timesteps passed to set_timesteps"
         elif num_inference_steps is not None:
             table = self.table_for(int(num_inference_steps))
+            solver = self.solver_for(int(num_inference_steps))
         else:
             raise ValueError("pass `num_inference_steps`, `timesteps` or `sigmas`")
         table = validate_sigmas(table, schedule.sigma_min, schedule.sigma_max, name="σ table")
@@ -199,6 +271,7 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.tensor(table, dtype=dtype, device=device)
         self.timesteps = schedule.sigma_to_t(self.sigmas[:-1]).to(torch.float32)
         self.num_inference_steps = len(table) - 1
+        self._active_solver = canonical_solver(solver)
         self._step_index = None
         self._begin_index = None
         self._state = None
@@ -247,7 +320,7 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         x = sample.to(work) / schedule.native_scale(sigmas[i]).to(work)
         denoised = schedule.denoised(model_output.to(work), x, sigmas[i])
         # 2. the shared solver step in σ-space
-        x_next, self._state = solvers.step(self.config.solver, x, denoised, sigmas, i, self._state)
+        x_next, self._state = solver_step(self._active_solver, x, denoised, sigmas, i, self._state)
         # 3. back to the native scale
         prev_sample = (x_next * schedule.native_scale(sigmas[i + 1]).to(work)).to(sample.dtype)
         self._step_index += 1

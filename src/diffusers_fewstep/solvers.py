@@ -7,7 +7,10 @@ differentiable schedule optimiser. Every step has the same signature::
 
 where `x` is the σ-space state at `sigmas[i]`, `denoised` is D(x; σ_i), `sigmas` the whole
 table (a tensor, possibly requiring grad; the last entry may be 0) and `state` whatever the
-solver carries between steps (`None` before the first step).
+solver carries between steps (`None` before the first step). A run may begin at any index
+(image-to-image starts part-way down the table): a multistep solver's order follows the history
+held in `state`, not `i`, so it warms up from first order wherever it starts, as diffusers'
+multistep schedulers do (`lower_order_nums`).
 """
 from __future__ import annotations
 
@@ -40,10 +43,10 @@ def _is_zero(sigma) -> bool:
 
 def dpmpp_2m_step(x, denoised, sigmas, i, state):
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), data prediction, λ = −log σ.
-    First order at the first step and at a final step to σ = 0 (diffusers' `lower_order_final`)."""
+    First order at the first step of a run and at a final step to σ = 0 (diffusers' `lower_order_final`)."""
     history = (state or {}).get("denoised", []) + [denoised]
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
-    if i == 0 or _is_zero(sigma_next):
+    if len(history) < 2 or _is_zero(sigma_next):
         d = denoised
     else:
         h = sigma.log() - sigma_next.log()
@@ -85,16 +88,16 @@ def _unipc_bh2_update(x, m0, m1, m_new, sigmas, i, order, corrector):
 def unipc_step(x, denoised, sigmas, i, state):
     """UniPC-bh2, order 2 (Zhao et al. 2023, arXiv 2302.04867), data prediction.
     1. UniC corrects x_i with the fresh D_i (no extra model call); 2. UniP predicts x_{i+1}.
-    Order 1 at the first and at the last step, as diffusers' `UniPCMultistepScheduler`."""
+    Order 1 at the first step of a run and at the last step, as diffusers' `UniPCMultistepScheduler`."""
     state = state or {}
     history = state.get("denoised", [])
     # 1. corrector: redo the step σ_{i−1} → σ_i from the previous (corrected) state
-    if i > 0:
+    if history:
         m1 = history[-2] if state["order"] == 2 else None
         x = _unipc_bh2_update(state["x_base"], history[-1], m1, denoised, sigmas, i - 1, state["order"], True)
     # 2. predictor
     n_steps = len(sigmas) - 1
-    order = min(2, n_steps - i, i + 1)
+    order = min(2, n_steps - i, len(history) + 1)
     m1 = history[-1] if order == 2 else None
     x_next = _unipc_bh2_update(x, denoised, m1, None, sigmas, i, order, False)
     return x_next, {"denoised": (history + [denoised])[-2:], "x_base": x, "order": order}
