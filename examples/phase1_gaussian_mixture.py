@@ -20,10 +20,11 @@ runs = [("trajectory","adam","euler",60), ("trajectory","adam","dpmpp_2m",60), (
         ("bound_propagated","fixed_point","euler",30), ("bound","fixed_point","euler",30)]
 for obj, method, solver, iters in runs:
     t=time.time()
-    r = optimize_schedule(gm, nfes=[4,6,8], solver=solver, objective=obj, method=method, num_iters=iters, batch_size=128, pool_size=256, progress=False, reference_steps=100)
+    r = optimize_schedule(gm, nfes=[4,6,8], solver=solver, objective=obj, method=method, num_iters=iters, batch_size=128, pool_size=256, progress=False, reference_steps=100,
+                          loss="l2", select_by="rmse", validation_size=0, init="ddim_trailing", free_last=True)
     print(obj, method, solver, "opt", round(time.time()-t,1), r.seconds)
     for n in (4,6,8):
         base = {name: err(baseline_sigmas(name,n,s).tolist(), solver) for name in ("ddim_trailing","karras","loguniform","time_linspace")}
         l = err(r.tables[n], solver)
-        print(n, "learned", round(l,4), "best base", round(min(base.values()),4), "ratio", round(l/min(base.values()),3), len(r.history[n]))
+        print(n, "learned", round(l,4), "best base", round(min(base.values()),4), "ratio", round(l/min(base.values()),3), [len(h) for h in r.history[n].values()])
         print("   baselines", {k: round(v, 4) for k, v in base.items()}, "table", [round(v, 4) for v in r.tables[n]])

@@ -13,7 +13,8 @@ from diffusers_fewstep.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
-PEERS = "['ddim_leading', 'ddim_trailing', 'euler_karras', 'dpmpp2m_karras', 'dpmpp2m_lu', 'unipc_bh2', 'unipc_bh2_karras']"
+PEERS = ("['ddim_leading', 'ddim_trailing', 'euler_karras', 'dpmpp2m_karras', 'dpmpp2m_lu', 'unipc_bh2', "
+         "'unipc_bh2_karras', 'flow_euler', 'flow_euler_karras', 'flow_dpmpp2m', 'flow_unipc']")
 
 
 @pytest.fixture(autouse=True)
@@ -61,18 +62,10 @@ def test_missing_input_files(capsys, tmp_path):
         "diffusers-fewstep: error: --classifier no-net: no such file or folder; pass an existing path")
 
 
-def test_benchmark_learn_only_needs_no_measurement_inputs(monkeypatch, tmp_path):
-    from diffusers_fewstep import benchmark
-
-    monkeypatch.setattr(benchmark, "run", lambda args: 0)  # the checks pass; nothing runs
-    assert main(["benchmark", "--device", "cpu", "--learn-only", "--classifier", "no-net", "--data", "no-data",
-                 "--tables-dir", str(tmp_path)]) == 0
-
-
 def test_cuda_without_cuda(capsys, tmp_path):
     assert _error(capsys, ["optimize", "--output-dir", str(tmp_path), "--device", "cuda"]) == (
         "diffusers-fewstep: error: --device cuda: torch finds no CUDA device on this machine; pass --device cpu")
-    assert _error(capsys, ["benchmark", "--device", "gpu", "--learn-only"]) == (
+    assert _error(capsys, ["benchmark", "--device", "gpu", "--classifier", str(tmp_path), "--data", str(tmp_path)]) == (
         "diffusers-fewstep: error: unknown --device 'gpu'; pass cpu or cuda")
 
 
@@ -83,7 +76,7 @@ def test_output_path_is_a_file(capsys, tmp_path):
         f"diffusers-fewstep: error: --output-dir {out}: {out} is a file, not a folder; pass a folder path")
     assert _error(capsys, ["train", "--output_dir", str(out / "sub")]) == (
         f"diffusers-fewstep: error: --output_dir {out / 'sub'}: {out} is a file, not a folder; pass a folder path")
-    assert _error(capsys, ["benchmark", "--device", "cpu", "--learn-only", "--out-dir", str(out)]) == (
+    assert _error(capsys, ["benchmark", "--device", "cpu", "--out-dir", str(out)]) == (
         f"diffusers-fewstep: error: --out-dir {out}: {out} is a file, not a folder; pass a folder path")
 
 
@@ -91,16 +84,13 @@ def test_unknown_solver(capsys, tmp_path):
     assert _error(capsys, _optimize(tmp_path, "--solver", "heun")) == (
         "diffusers-fewstep: error: --solver heun: unknown solver 'heun'; choose one of "
         "['euler', 'dpmpp_2m', 'unipc', 'ipndm'] or auto")
-    assert _error(capsys, ["benchmark", "--device", "cpu", "--learn-only", "--solvers", "euler", "auto"]) == (
-        "diffusers-fewstep: error: --solvers auto: unknown solver 'auto'; choose one of "
-        "['euler', 'dpmpp_2m', 'unipc', 'ipndm']")
 
 
 def test_known_solvers_and_inits_pass(monkeypatch, tmp_path):
-    from diffusers_fewstep import optimizer
+    from diffusers_fewstep import optimize_cli
 
     seen = []
-    monkeypatch.setattr(optimizer, "run", lambda args: seen.append((args.solver, args.init)) or 0)
+    monkeypatch.setattr(optimize_cli, "run", lambda args: seen.append((args.solver, args.init)) or 0)
     for solver, init in [("auto", "karras"), ("ddim", "peer:unipc_bh2"), ("unipc", "time_linspace")]:
         assert main(_optimize(tmp_path, "--solver", solver, "--init", init, "--model", "someone/some-model")) == 0
     assert seen == [("auto", "karras"), ("ddim", "peer:unipc_bh2"), ("unipc", "time_linspace")]
@@ -116,11 +106,6 @@ def test_unknown_start_table(capsys, tmp_path):
     assert _error(capsys, ["train", "--phase1_init", "peer:unipc_bh2"]) == (
         "diffusers-fewstep: error: --phase1_init peer:unipc_bh2: unknown baseline schedule 'peer:unipc_bh2'; "
         "expected karras, loguniform, ddim_trailing or ddim_leading")
-
-
-def test_optimizer_kwargs_must_be_a_json_object(capsys):
-    assert _error(capsys, ["benchmark", "--device", "cpu", "--learn-only", "--optimizer-kwargs", "{lr: 1}"]) == (
-        "diffusers-fewstep: error: --optimizer-kwargs is not a JSON object ({lr: 1}); pass e.g. '{\"lr\": 0.05}'")
 
 
 def test_argparse_errors_keep_status_2(capsys):
@@ -145,12 +130,12 @@ def test_verbose_shows_the_traceback(capsys, tmp_path, where):
 def test_errors_from_the_run(capsys, monkeypatch, tmp_path):
     """Input errors the checks cannot see (a corrupt file, an unreachable Hub id) end in one line that says
     --verbose shows more; a genuine bug keeps its traceback."""
-    from diffusers_fewstep import optimizer
+    from diffusers_fewstep import optimize_cli
 
     def corrupt(args):
         raise ValueError("corrupt config file x.json: Expecting value: line 1 column 1 (char 0)")
 
-    monkeypatch.setattr(optimizer, "run", corrupt)
+    monkeypatch.setattr(optimize_cli, "run", corrupt)
     assert _error(capsys, _optimize(tmp_path)) == (
         "diffusers-fewstep: error: corrupt config file x.json: Expecting value: line 1 column 1 (char 0) "
         "(--verbose shows the traceback)")
@@ -159,7 +144,7 @@ def test_errors_from_the_run(capsys, monkeypatch, tmp_path):
         raise OSError("'a/b' is neither a local folder nor a reachable Hub repo id: 401 Client Error.\n\n"
                       "Repository Not Found")
 
-    monkeypatch.setattr(optimizer, "run", unreachable)
+    monkeypatch.setattr(optimize_cli, "run", unreachable)
     assert _error(capsys, _optimize(tmp_path)) == (
         "diffusers-fewstep: error: 'a/b' is neither a local folder nor a reachable Hub repo id: 401 Client Error. "
         "Repository Not Found (--verbose shows the traceback)")
@@ -167,7 +152,7 @@ def test_errors_from_the_run(capsys, monkeypatch, tmp_path):
     def bug(args):
         raise UsageError("lowered by a module") if args.seed == 1 else IndexError("list index out of range")
 
-    monkeypatch.setattr(optimizer, "run", bug)
+    monkeypatch.setattr(optimize_cli, "run", bug)
     assert _error(capsys, _optimize(tmp_path, "--seed", "1")) == "diffusers-fewstep: error: lowered by a module"
     with pytest.raises(IndexError):
         main(_optimize(tmp_path))
@@ -185,8 +170,8 @@ def test_subprocess_one_line_and_status_2(tmp_path):
 
 
 def test_existing_model_folder_and_hub_ids_pass(monkeypatch, tmp_path):
-    from diffusers_fewstep import optimizer
+    from diffusers_fewstep import optimize_cli
 
-    monkeypatch.setattr(optimizer, "run", lambda args: 0)
+    monkeypatch.setattr(optimize_cli, "run", lambda args: 0)
     for model in [DEFAULT_MODEL, "someone/some-model", "stabilityai/stable-diffusion-3.5-medium"]:
         assert main(_optimize(tmp_path, "--model", model)) == 0

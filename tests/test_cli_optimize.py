@@ -5,13 +5,32 @@ import time
 
 import pytest
 
-from diffusers_fewstep import DEFAULT_MODEL, LearnedScheduleScheduler
+from diffusers_fewstep import DEFAULT_MODEL, LearnedScheduleScheduler, optimizer
 from diffusers_fewstep.adapter import NoiseSchedule
 from diffusers_fewstep.cli import main
 from diffusers_fewstep.hub import load_json
 from diffusers_fewstep.schedules import validate_sigmas
 
 FMNIST_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+TINY = ["--max-iters", "2", "--batch-size", "2", "--pool-size", "2", "--validation-size", "4", "--reference-steps", "6",
+        "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny UNet with the fixture's scheduler config, saved as a pipeline folder (fast on CPU)."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4).save_pretrained(root / "unet")
+    shutil.copytree(os.path.join(DEFAULT_MODEL, "scheduler"), root / "scheduler")
+    return str(root)
 
 
 def _check_output(out, nfes, objective):
@@ -22,53 +41,91 @@ def _check_output(out, nfes, objective):
     assert scheduler.available_nfes == nfes
     for nfe in nfes:
         table = validate_sigmas(scheduler.config.sigma_tables[str(nfe)], schedule.sigma_min, schedule.sigma_max)
-        assert len(table) == nfe + 1 and table[-1] == 0.0
+        assert len(table) == nfe + 1
     assert scheduler.config.provenance["objective"] == objective
-    assert scheduler.config.provenance["base_model"] == DEFAULT_MODEL
+    assert not scheduler.config.provenance["base_model"].startswith("/")  # as given, never this machine's path
     log = json.loads((out / "optimize_log.json").read_text())
-    assert set(log["tables"]) == {str(n) for n in nfes}
     assert os.path.getsize(out / "schedule.png") > 1000
     return scheduler, log
 
 
-def test_cli_optimize_trajectory(tmp_path):
+def test_cli_optimize_selects_per_step_count_and_prints_the_comparison(tmp_path, capsys, tiny_model):
     start = time.process_time()  # CPU seconds of this process (wall time depends on other load)
-    rc = main(["optimize", "--nfe", "3", "--max-iters", "2", "--batch-size", "1", "--pool-size", "1",
-               "--reference-steps", "6", "--device", "cpu", "--quiet", "--output-dir", str(tmp_path)])
-    assert rc == 0
+    assert main(["optimize", "--model", tiny_model, "--nfe", "3", *TINY, "--output-dir", str(tmp_path)]) == 0
     scheduler, log = _check_output(tmp_path, [3], "trajectory")
-    assert len(log["history"]["3"]) == 2 and log["num_evals"]["3"] == 2 * 3
-    assert log["shared"]["num_evals"] == 6  # one 6-step reference solve of the pool
-    assert scheduler.config.solver == "euler"
-    assert time.process_time() - start < 60
+    record = scheduler.config.provenance["per_nfe"]["3"]
+    names = {c["name"] for c in record["candidates"]}
+    assert {"ddim_trailing+euler", "unipc_bh2+unipc", "dpmpp2m_karras+dpmpp_2m", "ddim_trailing+ipndm"} <= names
+    assert record["select_by"] == "fd_self" and all("fd_self" in c["scores"] for c in record["candidates"])
+    kept = min(record["candidates"], key=lambda c: c["scores"]["fd_self"])
+    assert record["kept"] == kept["name"] and record["solver"] == kept["solver"]
+    scheduler.set_timesteps(3)
+    assert scheduler.active_solver == kept["solver"]
+    out = capsys.readouterr().out
+    assert "held-out fd_self" in out and "DDIM" in out and f"wrote {tmp_path}/scheduler" in out
+    assert log["shared"]["num_evals"] == 6 + 6  # the 6-step references of the pool (2) and the held-out set (4)
+    assert time.process_time() - start < 30
+
+
+def test_a_second_run_adds_its_tables_and_keeps_the_better_one(tmp_path, capsys, tiny_model):
+    run = ["optimize", "--model", tiny_model, "--solver", "euler", *TINY, "--output-dir", str(tmp_path)]
+    assert main(run[:1] + ["--nfe", "2"] + run[1:]) == 0
+    assert main(run[:1] + ["--nfe", "3"] + run[1:]) == 0
+    scheduler = LearnedScheduleScheduler.from_pretrained(str(tmp_path), subfolder="scheduler")
+    assert scheduler.available_nfes == [2, 3] and set(scheduler.config.provenance["per_nfe"]) == {"2", "3"}
+    table = scheduler.config.sigma_tables["3"]
+    capsys.readouterr()
+    # a run that learns nothing new: the table already there competes, wins, and stays
+    assert main(run[:1] + ["--nfe", "3", "--starts", "0"] + run[1:]) == 0
+    assert "NFE 3: kept the better table already in" in capsys.readouterr().out
+    assert LearnedScheduleScheduler.from_pretrained(str(tmp_path), subfolder="scheduler").config.sigma_tables["3"] == table
+    # a run that learns on from it replaces it with a better one, and says so
+    assert main(run[:1] + ["--nfe", "3"] + run[1:]) == 0
+    assert "NFE 3: replaced the table already in" in capsys.readouterr().out
+    # --overwrite: the old table does not compete
+    assert main(run[:1] + ["--nfe", "3", "--overwrite", "--starts", "0"] + run[1:]) == 0
+    assert "(--overwrite)" in capsys.readouterr().out
+    assert LearnedScheduleScheduler.from_pretrained(str(tmp_path), subfolder="scheduler").available_nfes == [2, 3]
+
+
+def test_an_interrupted_run_keeps_the_step_counts_it_finished(tmp_path, monkeypatch, tiny_model):
+    learn = optimizer._learn_trajectory
+
+    def interrupted(run, start):
+        if len(start.table) - 1 == 3:
+            raise KeyboardInterrupt
+        return learn(run, start)
+
+    monkeypatch.setattr(optimizer, "_learn_trajectory", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["optimize", "--model", tiny_model, "--nfe", "2", "3", "--solver", "euler", *TINY,
+              "--output-dir", str(tmp_path)])
+    scheduler = LearnedScheduleScheduler.from_pretrained(str(tmp_path), subfolder="scheduler")
+    assert scheduler.available_nfes == [2]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary leftovers
 
 
 @pytest.mark.skipif(not os.path.exists(FMNIST_TEST), reason="needs the dataset-fashion-mnist Debian package")
 def test_cli_optimize_fixed_point_with_data(tmp_path):
     # the gradient-free solver on the propagated bound, x0 from Fashion-MNIST (IDX file)
-    rc = main(["optimize", "--nfe", "3", "--objective", "bound_propagated", "--method", "fixed_point",
-               "--max-iters", "1", "--batch-size", "1", "--data", FMNIST_TEST, "--device", "cpu", "--quiet",
-               "--output-dir", str(tmp_path)])
+    rc = main(["optimize", "--nfe", "3", "--objective", "bound_propagated", "--method", "fixed_point", "--solver", "euler",
+               "--validation-size", "0", "--max-iters", "1", "--batch-size", "1", "--data", FMNIST_TEST, "--device",
+               "cpu", "--quiet", "--output-dir", str(tmp_path)])
     assert rc == 0
     _, log = _check_output(tmp_path, [3], "bound_propagated")
     assert log["settings"]["x0_source"] == "data" and log["shared"]["num_evals"] == 0
     # each iteration: 3 intervals × (1 + 1 stratum) + 2 finite-difference calls at 2 interior points
-    assert log["num_evals"]["3"] == len(log["history"]["3"]) * (3 * 2 + 2 * 2)
+    assert log["num_evals"]["3"] == len(log["history"]["3"]["bound"]) * (3 * 2 + 2 * 2)
 
 
-def test_cli_optimize_from_a_diffusers_peer_table_with_learnable_start(tmp_path, capsys):
-    # start from diffusers' own UniPC table (leading spacing: σ_0 = σ(t=750), far below σ_max) and keep σ_0 free
-    rc = main(["optimize", "--nfe", "3", "--solver", "unipc", "--init", "peer:unipc_bh2", "--learn-start",
-               "--max-iters", "2", "--batch-size", "1", "--pool-size", "1", "--reference-steps", "6",
-               "--device", "cpu", "--quiet", "--output-dir", str(tmp_path)])
+def test_cli_optimize_from_a_diffusers_peer_table_keeps_its_ends(tmp_path):
+    # start from diffusers' own UniPC table (the fixture's leading spacing: σ_0 = σ(t=666), far below σ_max)
+    rc = main(["optimize", "--nfe", "3", "--solver", "unipc", "--init", "peer:unipc_bh2", "--validation-size", "0",
+               "--max-iters", "2", "--batch-size", "1", "--pool-size", "1", "--reference-steps", "6", "--device", "cpu",
+               "--quiet", "--output-dir", str(tmp_path)])
     assert rc == 0
-    scheduler, log = _check_output(tmp_path, [3], "trajectory")
-    assert scheduler.config.solver == "unipc" and log["settings"]["learn_start"] is True
-    sigma_0 = scheduler.config.sigma_tables["3"][0]
-    schedule = NoiseSchedule(load_json(os.path.join(DEFAULT_MODEL, "scheduler", "scheduler_config.json")))
-    assert 5.0 < sigma_0 < 0.5 * schedule.sigma_max  # near UniPC's own 17.4 after two steps, not pinned to 157
-    capsys.readouterr()
-    assert main(["optimize", "--nfe", "3", "--init", "peer:heun", "--device", "cpu", "--quiet",
-                 "--output-dir", str(tmp_path / "bad")]) == 2
-    assert "error: --init peer:heun: unknown diffusers peer 'heun'" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()  # refused before any work
+    scheduler, _ = _check_output(tmp_path, [3], "trajectory")
+    table = scheduler.config.sigma_tables["3"]
+    assert scheduler.config.solver == "unipc"
+    assert table[0] == pytest.approx(17.379, rel=1e-3) and table[2] == pytest.approx(0.958, rel=1e-3)  # fixed ends
+    assert table[-1] == 0.0

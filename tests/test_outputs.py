@@ -70,17 +70,15 @@ def test_write_scheduler_validates_before_writing(tmp_path):
 
 def test_write_scheduler_one_solver_for_all_needs_no_solvers_entry(tmp_path):
     scheduler = outputs.write_scheduler(str(tmp_path), BASE, {4: T4, 6: T6}, {4: "unipc", 6: "unipc"}, "unipc", {})
-    assert "solvers" not in scheduler.config and scheduler.config.solver == "unipc"
+    assert scheduler.config.get("solvers") is None and scheduler.config.solver == "unipc"
 
 
-def test_write_scheduler_refuses_to_drop_per_nfe_solvers(tmp_path):
-    """Until LearnedScheduleScheduler keeps a `solvers` entry, mixed solvers must not be saved as one."""
-    try:
-        scheduler = outputs.write_scheduler(str(tmp_path), BASE, {4: T4, 6: T6}, {4: "unipc", 6: "euler"}, "euler", {})
-    except ValueError as err:
-        assert "keeps one solver for all tables" in str(err) and not os.path.exists(tmp_path / "scheduler")
-    else:
-        assert scheduler.config.solvers == {"4": "unipc", "6": "euler"}
+def test_write_scheduler_keeps_per_nfe_solvers(tmp_path):
+    outputs.write_scheduler(str(tmp_path), BASE, {4: T4, 6: T6}, {4: "unipc", 6: "euler"}, "euler", {})
+    loaded = LearnedScheduleScheduler.from_pretrained(str(tmp_path), subfolder="scheduler")
+    assert loaded.config.solvers == {"4": "unipc", "6": "euler"}
+    loaded.set_timesteps(4)
+    assert loaded.active_solver == "unipc"
 
 
 def test_read_scheduler_tables(tmp_path):

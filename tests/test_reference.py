@@ -5,10 +5,11 @@ import torch
 from diffusers import UNet2DModel
 
 from diffusers_fewstep import evaluation as ev
-from diffusers_fewstep import optimizer, peers, reference
+from diffusers_fewstep import peers, reference
 from diffusers_fewstep.adapter import SigmaDenoiser
 from diffusers_fewstep.finetune import teacher_states
 from diffusers_fewstep.schedules import time_uniform_sigmas
+from diffusers_fewstep.selection import Paths
 
 VP = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
       "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon"}
@@ -30,10 +31,10 @@ def test_every_consumer_gets_the_same_reference(config):
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = ev.reference_samples(denoiser, noise, steps=STEPS)
     # Phase 1's training pool (the flow bug: its solves started from ε·a(σ_max)⁻¹ with σ_max = 4096)
-    pool = optimizer._Pool(4, (1, 8, 8), "cpu", torch.Generator().manual_seed(0))
+    pool = Paths(4, (1, 8, 8), "cpu", torch.Generator().manual_seed(0))
     pool.noise = noise
-    pool_refs = optimizer._reference_solves(denoiser, pool, STEPS, 2, None, None, False)
-    assert torch.allclose(pool_refs.clamp(-1, 1), expected, atol=1e-5)
+    pool.solve_references(denoiser, STEPS, batch_size=2)
+    assert torch.allclose(pool.reference.clamp(-1, 1), expected, atol=1e-5)
     # Phase 2's teacher states through a 3-step table taken from the reference grid end where it ends
     table = reference.reference_sigmas(denoiser.schedule, STEPS)[[0, 4, 8, -1]]
     states = teacher_states(denoiser, noise, table, num_steps=STEPS)

@@ -6,7 +6,6 @@ with one line that says what was wrong and what to do; `diffusers-fewstep` print
 """
 from __future__ import annotations
 
-import json
 import os
 from functools import partial
 from typing import Mapping, Optional
@@ -18,9 +17,8 @@ class UsageError(ValueError):
 
 # attribute name -> kind of check
 MODEL_OPTIONS = ("model", "pretrained_model_name_or_path", "tuned_model")
-INPUT_PATHS = ("data", "train_data_dir", "conditioning_file", "classifier", "fd_classifier", "fd_data", "tuned_tables")
-OUTPUT_DIRS = ("output_dir", "out_dir", "tables_dir", "docs_dir")
-MEASUREMENT_INPUTS = ("classifier", "data")  # `benchmark --learn-only` measures nothing
+INPUT_PATHS = ("data", "train_data_dir", "conditioning_file", "classifier", "fd_classifier", "fd_data", "learned")
+OUTPUT_DIRS = ("output_dir", "out_dir", "docs_dir")
 
 
 def check_model(option: str, value: str) -> None:
@@ -32,9 +30,10 @@ def check_model(option: str, value: str) -> None:
     raise UsageError(f"no model folder {value}; pass a diffusers pipeline folder or a Hub id")
 
 
-def check_input_path(option: str, value: str) -> None:
-    if not os.path.exists(value):
-        raise UsageError(f"{option} {value}: no such file or folder; pass an existing path")
+def check_input_path(option: str, value) -> None:
+    for path in [value] if isinstance(value, str) else value:
+        if not os.path.exists(path):
+            raise UsageError(f"{option} {path}: no such file or folder; pass an existing path")
 
 
 def check_output_dir(option: str, value: str) -> None:
@@ -91,15 +90,6 @@ def check_init(option: str, value: str, allow_peer: bool = True) -> None:
         raise UsageError(f"{option} {value}: {err}" + (f", or {peers}" if allow_peer else "")) from None
 
 
-def check_json_object(option: str, value: str) -> None:
-    try:
-        ok = isinstance(json.loads(value), dict)
-    except json.JSONDecodeError:
-        ok = False
-    if not ok:
-        raise UsageError(f"{option} is not a JSON object ({value}); pass e.g. '{{\"lr\": 0.05}}'")
-
-
 CHECKS = {
     **{name: check_model for name in MODEL_OPTIONS},
     **{name: check_input_path for name in INPUT_PATHS},
@@ -109,7 +99,6 @@ CHECKS = {
     "solvers": check_solvers,
     "init": check_init,
     "phase1_init": partial(check_init, allow_peer=False),
-    "optimizer_kwargs": check_json_object,
 }
 
 
@@ -121,9 +110,8 @@ def check_args(args, option_names: Optional[Mapping[str, str]] = None) -> None:
         option_names (`Mapping[str, str]`, *optional*): attribute -> option as the user types it
             (`{"output_dir": "--output-dir"}`); defaults to `--<attribute>`.
     """
-    skip = MEASUREMENT_INPUTS if getattr(args, "learn_only", False) else ()
     for dest, value in vars(args).items():
-        if value is None or dest.startswith("_") or dest in skip or dest not in CHECKS:
+        if value is None or dest.startswith("_") or dest not in CHECKS:
             continue
         CHECKS[dest]((option_names or {}).get(dest, f"--{dest}"), value)
 

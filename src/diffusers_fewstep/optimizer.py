@@ -539,14 +539,16 @@ def _candidates_for(nfe, run: _Run, solver_list, init, existing, held_out) -> tu
     config = getattr(schedule, "config", None)
     tables = stock_tables(nfe, config) if config is not None else {
         name: baseline_sigmas(name, nfe, schedule).tolist() for name in ("ddim_trailing", "karras", "loguniform")}
-    candidates = [Candidate(f"{name}+{solver}", solver, table, "stock")
-                  for name, table in tables.items() for solver in solver_list] if held_out is not None else []
-    init_table = _init_tables(init, nfe, schedule)
-    if init_table is not None:
-        candidates += [Candidate(f"init+{solver}", solver, init_table, "init") for solver in solver_list]
+    candidates = []  # the table already saved comes first: it wins ties
     if existing and nfe in existing:
         table, solver = existing[nfe]
         candidates.append(Candidate(f"existing+{solver}", canonical_solver(solver), list(table), "existing"))
+    if held_out is not None:
+        candidates += [Candidate(f"{name}+{solver}", solver, table, "stock")
+                       for name, table in tables.items() for solver in solver_list]
+    init_table = _init_tables(init, nfe, schedule)
+    if init_table is not None:
+        candidates += [Candidate(f"init+{solver}", solver, init_table, "init") for solver in solver_list]
     _score_all(candidates, run, held_out, nfe)
     history = {}
     if s["objective"] != "trajectory":

@@ -102,13 +102,9 @@ def _build_scheduler(base_scheduler_config, tables, solvers, solver, provenance)
 
     per_nfe = {str(n): s for n, s in (solvers or {}).items()}
     extra = {"solvers": per_nfe} if any(s != solver for s in per_nfe.values()) else {}  # one solver: no entry
-    scheduler = LearnedScheduleScheduler.from_config(
+    return LearnedScheduleScheduler.from_config(
         dict(base_scheduler_config), sigma_tables={str(n): [float(s) for s in t] for n, t in tables.items()},
         solver=solver, provenance=provenance, **extra)
-    if extra and scheduler.config.get("solvers") != per_nfe:
-        raise ValueError(f"this LearnedScheduleScheduler keeps one solver for all tables; got {per_nfe}: "
-                         "save the tables of each solver to their own folder")
-    return scheduler
 
 
 # --- merging the tables of several runs ---------------------------------------------------------------

@@ -157,7 +157,9 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
     labels (if any) are cycled over the training paths."""
     from .optimizer import optimize_schedule
 
+    # the table of a fixed solver, learned on from the previous round's (σ_N−1 free, no held-out selection)
     result = optimize_schedule(denoiser, nfes=list(args.nfe), solver=args.solver, objective=args.phase1_objective,
+                               loss="l2", select_by="rmse", validation_size=0, free_last=True,
                                num_iters=args.phase1_iters, batch_size=args.phase1_batch_size,
                                init={int(k): v for k, v in init.items()} if init else args.phase1_init,
                                reference_steps=args.reference_steps, pool_size=args.phase1_pool_size,
