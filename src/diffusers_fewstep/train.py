@@ -8,7 +8,9 @@ a final Phase 1 re-learns the tables for the tuned model. Conventions follow dif
 `examples/unconditional_image_generation/train_unconditional.py`: `checkpoint-{step}` folders,
 `--checkpoints_total_limit`, `--resume_from_checkpoint latest`, trackers through `--report_to`,
 `--push_to_hub`. Every random draw comes from a generator seeded by (seed, round, step), so a
-resumed run continues exactly where a killed one stopped.
+resumed run continues exactly where a killed one stopped. A run stops early in one line, with
+nothing lost (:mod:`diffusers_fewstep.checkpoints`): on SIGTERM/SIGINT or an error it saves a
+checkpoint first; when the Phase-2 loss diverges it keeps the last good checkpoint.
 
 The output folder holds `scheduler/` (a `LearnedScheduleScheduler` with a table for every NFE),
 the tuned `unet/` (full fine-tuning; with the base pipeline's `model_index.json` when the base
@@ -22,14 +24,15 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import DEFAULT_MODEL, solvers
 from .adapter import SigmaDenoiser
+from .checkpoints import (DivergenceMonitor, StopSignals, TrainingStopped, checkpoints, keep_checkpoints_before,
+                          resume, save_checkpoint)
 from .data import load_images
 from .finetune import PHASE2_TARGETS, add_lora, ema_weights, make_teacher, phase2_loss, teacher_states
 
@@ -79,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
     parser.add_argument("--stop_after_steps", type=int, default=None, help="Stop (without saving) after this many optimiser steps, as if killed.")
+    parser.add_argument("--divergence_factor", type=float, default=10.0, help="A Phase-2 loss above this multiple of its running level is a spike (0: only non-finite losses stop the run).")
+    parser.add_argument("--divergence_patience", type=int, default=5, help="Consecutive spiking steps after which Phase 2 has diverged and stops, keeping the last good checkpoint.")
     parser.add_argument("--eval_samples", type=int, default=256, help="Noises for the endpoint RMSE reported after every phase.")
     parser.add_argument("--eval_steps", type=int, default=None, help="Also evaluate every this many Phase-2 steps (learning curve).")
     parser.add_argument("--fd_classifier", type=str, default=None, help="Feature network folder (arch.py with load_classifier); adds FD to every evaluation.")
@@ -96,28 +101,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     args = add_arguments(parser).parse_args(argv)
-    if len(args.denoising_weight) > 1 and any(len(args.denoising_weight) != n for n in args.nfe):
-        parser.error(f"--denoising_weight takes 1 value or one per step ({args.nfe}); got {args.denoising_weight}")
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Settings that cannot work, refused before anything is loaded (one-line ValueError)."""
+    if min(args.nfe) < 1:
+        raise ValueError(f"--nfe takes step counts ≥ 1; got {args.nfe}")
+    if len(args.denoising_weight) > 1 and any(len(args.denoising_weight) != n for n in args.nfe):
+        raise ValueError(f"--denoising_weight takes 1 value or one per step ({args.nfe}); got {args.denoising_weight}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0; got {args.learning_rate}")
+    if args.divergence_factor != 0 and not args.divergence_factor > 1:
+        raise ValueError("--divergence_factor must be > 1 (or 0: stop only at non-finite losses); "
+                         f"got {args.divergence_factor}")
+    if args.divergence_patience < 1 or args.checkpointing_steps < 1:
+        raise ValueError("--divergence_patience and --checkpointing_steps must be ≥ 1; got "
+                         f"{args.divergence_patience} and {args.checkpointing_steps}")
 
 
 # --- state that travels in a checkpoint ----------------------------------------------------------
 class TrainState:
-    """Round/phase counters, the current σ tables and the metrics, saved in every checkpoint."""
+    """Round/phase counters, the current σ tables, the metrics and the divergence monitor's state,
+    saved in every checkpoint. `phase` is the phase to run next (1) or running (2); after the last
+    Phase 1 it is 2 with `round == --rounds`: only the output is left."""
 
     def __init__(self):
         self.round, self.phase, self.global_step, self.step_in_phase = 0, 1, 0, 0
         self.tables: Dict[str, List[float]] = {}
         self.metrics: List[dict] = []
+        self.divergence: dict = {}
 
     def state_dict(self) -> dict:
         return {"round": self.round, "phase": self.phase, "global_step": self.global_step,
-                "step_in_phase": self.step_in_phase, "tables": json.dumps(self.tables), "metrics": json.dumps(self.metrics)}
+                "step_in_phase": self.step_in_phase, "tables": json.dumps(self.tables), "metrics": json.dumps(self.metrics),
+                "divergence": json.dumps(self.divergence)}
 
     def load_state_dict(self, state: dict) -> None:
         self.round, self.phase = int(state["round"]), int(state["phase"])
         self.global_step, self.step_in_phase = int(state["global_step"]), int(state["step_in_phase"])
         self.tables, self.metrics = json.loads(state["tables"]), json.loads(state["metrics"])
+        self.divergence = json.loads(state.get("divergence", "{}"))
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -183,40 +211,6 @@ def build_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, ge
     return pool
 
 
-# --- checkpoints --------------------------------------------------------------------------------
-def _checkpoints(output_dir: str) -> List[str]:
-    if not os.path.isdir(output_dir):
-        return []
-    dirs = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
-    return sorted(dirs, key=lambda d: int(d.split("-")[1]))
-
-
-def save_checkpoint(accelerator, args, step: int) -> None:
-    """`checkpoint-{step}` via `accelerator.save_state`, honouring `--checkpoints_total_limit`."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = [d for d in _checkpoints(args.output_dir) if d != f"checkpoint-{step}"]
-        for d in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, d))
-    accelerator.wait_for_everyone()
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
-
-
-def resume(accelerator, args) -> Optional[str]:
-    """Load `--resume_from_checkpoint` (a folder or 'latest'); returns the folder or None."""
-    if not args.resume_from_checkpoint:
-        return None
-    path = args.resume_from_checkpoint
-    if path == "latest":
-        found = _checkpoints(args.output_dir)
-        if not found:
-            accelerator.print(f"no checkpoint in {args.output_dir}; starting a new run")
-            return None
-        path = os.path.join(args.output_dir, found[-1])
-    accelerator.print(f"resuming from {path}")
-    accelerator.load_state(path)
-    return path
-
-
 # --- the run ------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> str:
     from accelerate import Accelerator
@@ -226,6 +220,7 @@ def main(args: argparse.Namespace) -> str:
 
     from .hub import load_model_and_scheduler_config
 
+    check_args(args)
     args.start_time = time.time()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -278,39 +273,119 @@ def main(args: argparse.Namespace) -> str:
         data = load_images(args.train_data_dir, args.sample_shape)
 
     # 2. resume, and the fixed evaluation set (teacher references)
-    resume(accelerator, args)
+    resumed = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if resumed:
+        _set_learning_rate(accelerator, optimizer, lr_scheduler, args.learning_rate)
     if ema is not None:
         ema.to(device)
     ev = _eval_set(teacher, args, device, labels) if accelerator.is_main_process and args.eval_samples > 0 else None
 
-    # 3. alternate the phases
-    while True:
-        if state.phase == 1:
-            _phase1(accelerator, args, state, tuned, teacher, ema, ev, labels, broadcast_object_list)
-            if state.round >= args.rounds:
-                break
-            state.phase, state.step_in_phase = 2, 0
-            save_checkpoint(accelerator, args, state.global_step)
-        evaluate = lambda: _record(accelerator, state, "phase2", tuned, ev, args)  # noqa: E731
-        stopped = _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels,
-                          evaluate if accelerator.is_main_process else None)
-        if stopped:
-            accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
-            accelerator.end_training()
-            return args.output_dir
-        if accelerator.is_main_process and not (args.eval_steps and state.global_step % args.eval_steps == 0):
-            with ema_weights(ema, _trainable(unwrapped)):
-                evaluate()
-        state.round, state.phase = state.round + 1, 1
+    # 3. alternate the phases; a signal or an error saves a checkpoint before the run ends (checkpoints.py)
+    evaluate = lambda: _record(accelerator, state, "phase2", tuned, ev, args)  # noqa: E731
+    with StopSignals() as guard:
+        guard.saved(resumed and os.path.basename(os.path.normpath(resumed)))
+        try:
+            while True:
+                if state.phase == 1:
+                    tables = _phase1(accelerator, args, state, tuned, teacher, ema, labels, broadcast_object_list)
+                    guard.unsaved()
+                    state.tables, state.phase, state.step_in_phase, state.divergence = tables, 2, 0, {}
+                    if accelerator.is_main_process:
+                        with ema_weights(ema, _trainable(unwrapped)):
+                            _record(accelerator, state, "phase1", tuned, ev, args)
+                    _checkpoint(accelerator, args, state, guard)
+                if state.round >= args.rounds:
+                    break
+                if _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data,
+                           labels, guard, evaluate if accelerator.is_main_process else None):
+                    accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
+                    return args.output_dir
+                if accelerator.is_main_process and not (args.eval_steps and state.global_step % args.eval_steps == 0):
+                    with ema_weights(ema, _trainable(unwrapped)):
+                        evaluate()
+                state.round, state.phase = state.round + 1, 1
+                _checkpoint(accelerator, args, state, guard)
 
-    # 4. the output folder
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_output(args, state, unwrapped, ema, base_config)
-        if args.push_to_hub:
-            push_to_hub(args)
-    accelerator.end_training()
+            # 4. the output folder
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_output(args, state, unwrapped, ema, base_config)
+                if args.push_to_hub:
+                    push_to_hub(args)
+        except TrainingStopped as stop:
+            accelerator.print(str(stop))
+            raise
+        except Exception:
+            _save_after_error(accelerator, args, state, guard, optimizer)
+            raise
+        finally:
+            accelerator.end_training()
     return args.output_dir
+
+
+def _set_learning_rate(accelerator, optimizer, lr_scheduler, lr: float) -> None:
+    """After a resume: a `--learning_rate` other than the checkpoint's replaces it (the schedule's factor kept)."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if all(base == lr for base in scheduler.base_lrs):
+        return
+    accelerator.print(f"--learning_rate {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}")
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = group["lr"] * lr / base
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+# --- stopping safely (checkpoints.py) -------------------------------------------------------------
+def _any_process(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum") > 0)
+
+
+def _checkpoint(accelerator, args, state: TrainState, guard: StopSignals) -> None:
+    """Save `checkpoint-{global_step}`; if a signal came meanwhile (to any process), stop here."""
+    name = save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
+    guard.saved(name)
+    if _any_process(accelerator, guard.received is not None):
+        raise TrainingStopped(guard.stop_message(name, state.global_step), 128 + (guard.received or 15))
+
+
+def _save_after_error(accelerator, args, state: TrainState, guard: StopSignals, optimizer) -> None:
+    """After an exception, save the last finished step if no checkpoint holds it. One process only: with
+    several, the others may wait in a collective that never comes."""
+    if not guard.has_unsaved:
+        return
+    if accelerator.num_processes > 1:
+        accelerator.print(f"error after step {state.global_step}: no checkpoint saved (several processes); "
+                          f"continue from {guard.last_saved} with --resume_from_checkpoint latest")
+        return
+    accelerator.step = state.global_step * args.gradient_accumulation_steps  # drop a half-accumulated step
+    optimizer.zero_grad()
+    try:
+        name = save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
+    except Exception as err:  # the error may be the disk itself; the original error is raised next
+        accelerator.print(f"error after step {state.global_step}, and saving a checkpoint failed too: {err!r}")
+        return
+    accelerator.print(f"error after step {state.global_step}: saved {name}; fix the cause and continue with "
+                      "--resume_from_checkpoint latest")
+
+
+def _check_divergence(accelerator, args, state: TrainState, nfe: int, loss: float) -> None:
+    """Stop Phase 2 if its loss diverged (`checkpoints.DivergenceMonitor`), keeping the last good checkpoint."""
+    monitor = DivergenceMonitor(args.divergence_factor, args.divergence_patience, state=state.divergence)
+    reason = monitor.update(nfe, loss, state.global_step)
+    if reason is None:
+        return
+    if accelerator.is_main_process:
+        keep_checkpoints_before(args.output_dir, monitor.good_weights_step(state.global_step))
+    accelerator.wait_for_everyone()
+    left = checkpoints(args.output_dir)
+    advice = f"lower --learning_rate (now {args.learning_rate:g})"
+    then = (f"kept {left[-1]} (later ones renamed diverged-checkpoint-*); {advice} and continue with "
+            "--resume_from_checkpoint latest") if left else f"no checkpoint from before it is left; {advice} and start again"
+    raise TrainingStopped(f"Phase 2 diverged at step {state.global_step} ({nfe} steps, round {state.round}): "
+                          f"{reason}; {then}")
 
 
 def _trainable(model) -> list:
@@ -369,8 +444,8 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
     logger.info("round %d %s: %s", state.round, phase, row)
 
 
-def _phase1(accelerator, args, state, tuned, teacher, ema, ev, labels, broadcast_object_list) -> None:
-    """Phase 1 on the main process (with the EMA weights), tables broadcast to every process."""
+def _phase1(accelerator, args, state, tuned, teacher, ema, labels, broadcast_object_list) -> Dict[str, List[float]]:
+    """Phase 1 on the main process (with the EMA weights); returns the tables, broadcast to every process."""
     tables = [None]
     if accelerator.is_main_process:
         with ema_weights(ema, _trainable(tuned.model)):
@@ -378,16 +453,19 @@ def _phase1(accelerator, args, state, tuned, teacher, ema, ev, labels, broadcast
             tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or None,
                                    labels=labels, teacher=teacher)
             logger.info("round %d phase 1: %.1f s, tables %s", state.round, time.time() - t0, tables[0])
-            state.tables = tables[0]
-            _record(accelerator, state, "phase1", tuned, ev, args)
     if accelerator.num_processes > 1:
         tables = broadcast_object_list(tables)
-    state.tables = tables[0]
+    return tables[0]
 
 
-def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels,
+def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels, guard,
             evaluate=None) -> bool:
-    """Phase 2 of the current round from `state.step_in_phase`; True if `--stop_after_steps` stopped it."""
+    """Phase 2 of the current round from `state.step_in_phase`; True if `--stop_after_steps` stopped it.
+
+    Step k trains the count `--nfe[k % len(--nfe)]`. After every step: a diverged loss stops the run
+    (:func:`_check_divergence`), and a signal saves a checkpoint and stops it (:func:`_checkpoint`)."""
+    if state.step_in_phase >= args.phase2_steps:
+        return False
     device, rank = accelerator.device, accelerator.process_index
     tables = {n: torch.tensor(state.tables[str(n)], dtype=torch.float32, device=device) for n in args.nfe}
     share = math.ceil(args.pool_size / accelerator.num_processes)
@@ -397,11 +475,12 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
     weights = args.denoising_weight if len(args.denoising_weight) > 1 else args.denoising_weight[0]
     model.train()
     while state.step_in_phase < args.phase2_steps:
+        guard.unsaved()
+        n = args.nfe[state.global_step % len(args.nfe)]
+        pool, total = pools[n], 0.0
         for k in range(args.gradient_accumulation_steps):
             micro = state.global_step * args.gradient_accumulation_steps + k
             gen = _generator(args.seed, state.round, micro, rank, 1)
-            n = args.nfe[state.global_step % len(args.nfe)]
-            pool = pools[n]
             pick = torch.randint(pool["states"].shape[1], (args.train_batch_size,), generator=gen).to(device)
             states = pool["states"][:, pick]
             cond = None if "cond" not in pool else {key: v[pick] for key, v in pool["cond"].items()}
@@ -416,20 +495,33 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
+            total = total + loss.detach().float()
         if ema is not None:
             ema.step(_trainable(accelerator.unwrap_model(model)))
         state.global_step += 1
         state.step_in_phase += 1
-        logs.update(loss=float(loss.detach()), lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
+        loss, stop = _step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)
+        logs.update(loss=loss, lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
         accelerator.log(logs, step=state.global_step)
+        _check_divergence(accelerator, args, state, n, loss)
+        if stop:
+            _checkpoint(accelerator, args, state, guard)
         if evaluate is not None and args.eval_steps and state.global_step % args.eval_steps == 0:
             with ema_weights(ema, _trainable(accelerator.unwrap_model(model))):
                 evaluate()
         if state.global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, state.global_step)
+            _checkpoint(accelerator, args, state, guard)
         if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
             return True
     return False
+
+
+def _step_outcome(accelerator, loss: torch.Tensor, guard: StopSignals) -> Tuple[float, bool]:
+    """The step's loss averaged over processes, and whether any process received a stop signal."""
+    both = torch.stack([loss.float(), loss.new_tensor(float(guard.received is not None))])
+    if accelerator.num_processes > 1:
+        both = accelerator.reduce(both, "mean")
+    return float(both[0]), bool(both[1] > 0)
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -488,10 +580,14 @@ def push_to_hub(args) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`diffusers-fewstep train` (single process; use `accelerate launch scripts/train_fewstep.py` for more)."""
-    main(args)
+    """`diffusers-fewstep train` (single process; use `accelerate launch scripts/train_fewstep.py` for more).
+    Returns the exit status: 0, or that of a run stopped early (:class:`~.checkpoints.TrainingStopped`)."""
+    try:
+        main(args)
+    except TrainingStopped as stop:  # its one line is printed already
+        return stop.exit_code
     return 0
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    raise SystemExit(run(parse_args()))
