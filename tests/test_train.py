@@ -266,7 +266,7 @@ def test_bad_settings_fail_before_anything_loads(tmp_path, capsys):
     from diffusers_fewstep.train import main, parse_args
 
     for bad, says in [(["--learning_rate", "0"], "--learning_rate must be > 0; got 0.0"),
-                      (["--nfe", "4", "0"], "--nfe takes step counts ≥ 1"),
+                      (["--nfe", "4", "0"], "--nfe and --compare_nfe take step counts ≥ 1"),
                       (["--divergence_factor", "0.5"], "--divergence_factor must be > 1"),
                       (["--nfe", "2", "3", "--denoising_weight", "1", "1"], "takes 1 value or one per step")]:
         with pytest.raises(SystemExit):
@@ -276,6 +276,63 @@ def test_bad_settings_fail_before_anything_loads(tmp_path, capsys):
     args.learning_rate = -1.0  # as the `diffusers-fewstep train` subcommand passes it, unchecked by parse_args
     with pytest.raises(ValueError, match="--learning_rate must be > 0; got -1.0"):
         main(args)  # refused before the (missing) model is loaded
+
+
+def test_several_step_counts_trained_evaluated_and_compared(tiny_pipeline, tmp_path, monkeypatch):
+    """--nfe 2 3: Phase 2 trains both counts in turn, every evaluation measures both, and at the end the tuned
+    model is measured next to the base model at both, at counts it was not tuned for and at the reference solve."""
+    from diffusers_fewstep import train
+
+    trained = []
+    original = train.phase2_loss
+    monkeypatch.setattr(train, "phase2_loss", lambda student, states, sigmas, *a, **k: (
+        trained.append(len(sigmas) - 1), original(student, states, sigmas, *a, **k))[1])
+    out = str(tmp_path / "out")
+    train.main(train.parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1",
+                                 "--phase2_steps", "5", "--eval_steps", "2", "--checkpointing_steps", "100", *FAST,
+                                 "--nfe", "2", "3", "--compare_nfe", "3", "4"]))
+    assert trained == [2, 3, 2, 3, 2]
+    with open(os.path.join(out, "metrics.json")) as f:
+        record = json.load(f)
+    assert [(m["phase"], m["global_step"]) for m in record["metrics"]] == [
+        ("phase1", 0), ("phase2", 2), ("phase2", 4), ("phase2", 5), ("phase1", 5)]
+    assert all(0 < m[f"rmse_nfe{n}"] < 10 for m in record["metrics"] for n in (2, 3))
+    rows = record["step_counts"]
+    assert [(r["nfe"], r["table"], r["solver"], r["tuned_count"]) for r in rows] == [
+        (2, "learned", "euler", True), (3, "learned", "euler", True), (3, "ddim_trailing", "euler", True),
+        (4, "ddim_trailing", "euler", False), (10, "reference", "dpmpp_2m", False)]
+    # the base model's reference solve is the evaluation reference itself; the tuned model has moved away from it
+    assert rows[-1]["base_rmse"] == 0.0 and rows[-1]["tuned_rmse"] > 1e-4
+    assert all(r["tuned_rmse"] != r["base_rmse"] for r in rows)
+    # the last evaluation and the comparison measure the same model on the same tables
+    assert rows[0]["tuned_rmse"] == record["metrics"][-1]["rmse_nfe2"]
+    card = open(os.path.join(out, "README.md")).read()
+    assert "Tuned for **2, 3** steps" in card
+    assert "| 4 | ddim_trailing | euler | no | {:.4g} | {:.4g} |".format(rows[3]["tuned_rmse"], rows[3]["base_rmse"]) in card
+    assert "| 10 | reference | dpmpp_2m | no | {:.4g} | 0 |".format(rows[4]["tuned_rmse"]) in card
+    assert "**Other step counts may be worse.**" in card
+    assert "10 steps (reference solve, `dpmpp_2m`): RMSE {:.4g} against the base model's 0".format(
+        rows[4]["tuned_rmse"]) in card
+
+
+def test_model_card_warns_with_the_numbers_at_counts_it_was_not_tuned_for():
+    from diffusers_fewstep.model_card import card_text
+
+    rows = [{"nfe": 4, "table": "learned", "solver": "euler", "tuned_count": True, "tuned_fd": 2.62, "base_fd": 5.98,
+             "tuned_rmse": 0.198, "base_rmse": 0.246},
+            {"nfe": 8, "table": "ddim_trailing", "solver": "euler", "tuned_count": False, "tuned_fd": 0.85,
+             "base_fd": 0.90, "tuned_rmse": 0.15, "base_rmse": 0.152},
+            {"nfe": 200, "table": "reference", "solver": "dpmpp_2m", "tuned_count": False, "tuned_fd": 2.16,
+             "base_fd": 0.234, "tuned_rmse": 0.1, "base_rmse": 0.0}]
+    card = card_text("fmnist", {"4": [157.0, 3.0, 1.0, 0.3, 0.0]}, [], "euler", False, True, "me/x", rows)
+    assert "| steps | table | solver | tuned for it | FD tuned | FD base | RMSE tuned | RMSE base |" in card
+    assert "| 4 | learned | euler | yes | 2.62 | 5.98 | 0.198 | 0.246 |" in card
+    assert ("Measured worse than the base model at 200 steps (reference solve, `dpmpp_2m`): FD 2.16 against the "
+            "base model's 0.234. Use the base model at those counts.") in card
+    assert "8 steps (ddim_trailing" not in card.split("may be worse")[1]  # better there: not in the warning
+    rows[2]["tuned_fd"] = 0.2
+    assert "it was not worse than the base model (FD)" in card_text("fmnist", {"4": [1.0, 0.0]}, [], "euler", False,
+                                                                     True, "me/x", rows)
 
 
 def test_lora_output_loads_with_peft(tiny_pipeline, tmp_path):

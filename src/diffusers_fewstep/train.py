@@ -10,7 +10,8 @@ a final Phase 1 re-learns the tables for the tuned model. Conventions follow dif
 `--push_to_hub`. Every random draw comes from a generator seeded by (seed, round, step), so a
 resumed run continues exactly where a killed one stopped. A run stops early in one line, with
 nothing lost (:mod:`diffusers_fewstep.checkpoints`): on SIGTERM/SIGINT or an error it saves a
-checkpoint first; when the Phase-2 loss diverges it keeps the last good checkpoint.
+checkpoint first; when the Phase-2 loss diverges it keeps the last good checkpoint. At the end the
+tuned model is measured next to the base model at the counts it was tuned for and at others.
 
 The output folder holds `scheduler/` (a `LearnedScheduleScheduler` with a table for every NFE),
 the tuned `unet/` (full fine-tuning; with the base pipeline's `model_index.json` when the base
@@ -20,6 +21,7 @@ and a model card `README.md`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -89,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fd_classifier", type=str, default=None, help="Feature network folder (arch.py with load_classifier); adds FD to every evaluation.")
     parser.add_argument("--fd_data", type=str, default=None, help="Folder with the Fashion-MNIST test IDX files for the FD reference statistics.")
     parser.add_argument("--fd_samples", type=int, default=5000, help="Samples per FD evaluation.")
+    parser.add_argument("--compare_nfe", type=int, nargs="*", default=[2, 3, 4, 5, 6, 8, 10], help="Step counts at which the final model is also measured with the --compare_table table, next to the base model (the reference solve is always measured).")
+    parser.add_argument("--compare_table", type=str, default="ddim_trailing", choices=["ddim_trailing", "ddim_leading", "karras", "loguniform"], help="Hand-made table (schedules.baseline_sigmas) for the --compare_nfe counts.")
     parser.add_argument("--report_to", type=str, default=None, help="Tracker(s) for accelerate: tensorboard, wandb, all.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub.")
@@ -110,8 +114,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Settings that cannot work, refused before anything is loaded (one-line ValueError)."""
-    if min(args.nfe) < 1:
-        raise ValueError(f"--nfe takes step counts ≥ 1; got {args.nfe}")
+    if min(args.nfe) < 1 or min(args.compare_nfe, default=1) < 1:
+        raise ValueError(f"--nfe and --compare_nfe take step counts ≥ 1; got {args.nfe} and {args.compare_nfe}")
     if len(args.denoising_weight) > 1 and any(len(args.denoising_weight) != n for n in args.nfe):
         raise ValueError(f"--denoising_weight takes 1 value or one per step ({args.nfe}); got {args.denoising_weight}")
     if not args.learning_rate > 0:
@@ -306,10 +310,11 @@ def main(args: argparse.Namespace) -> str:
                 state.round, state.phase = state.round + 1, 1
                 _checkpoint(accelerator, args, state, guard)
 
-            # 4. the output folder
+            # 4. the tuned model at every step count next to the base model, and the output folder
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_output(args, state, unwrapped, ema, base_config)
+                counts = compare_step_counts(args, state, tuned, teacher, ema, ev) if ev and args.rounds > 0 else []
+                save_output(args, state, unwrapped, ema, base_config, counts)
                 if args.push_to_hub:
                     push_to_hub(args)
         except TrainingStopped as stop:
@@ -423,25 +428,70 @@ def _eval_set(teacher: SigmaDenoiser, args, device, labels: Optional[torch.Tenso
     return ev
 
 
-def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args) -> None:
-    """Endpoint RMSE (and FD) of the current model and tables, appended to `state.metrics`."""
+def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dict[str, float]:
+    """Endpoint RMSE against the base model's reference solve (and FD) of samples from the evaluation noises."""
     from .evaluation import endpoint_rmse, extract_features, frechet_distance
 
+    samples = _generate(denoiser, ev["noise"], sigmas, solver, args, ev["labels"])
+    scores = {"rmse": round(endpoint_rmse(samples[: args.eval_samples], ev["reference"]), 5)}
+    if "net" in ev:
+        scores["fd"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
+    return scores
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules):
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args) -> None:
+    """Endpoint RMSE (and FD) of the current model at every tuned count, appended to `state.metrics`."""
     if ev is None:
         return
     row = {"round": state.round, "phase": phase, "global_step": state.global_step,
            "elapsed_s": round(time.time() - args.start_time, 1)}
-    was_training = tuned.model.training
-    tuned.model.eval()
-    for n in args.nfe:
-        samples = _generate(tuned, ev["noise"], state.tables[str(n)], args.solver, args, ev["labels"])
-        row[f"rmse_nfe{n}"] = round(endpoint_rmse(samples[: args.eval_samples], ev["reference"]), 5)
-        if "net" in ev:
-            row[f"fd_nfe{n}"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
-    tuned.model.train(was_training)
+    with _eval_mode(tuned.model):
+        for n in args.nfe:
+            row.update({f"{k}_nfe{n}": v for k, v in _scores(tuned, state.tables[str(n)], args.solver, ev, args).items()})
     state.metrics.append(row)
     accelerator.log({k: v for k, v in row.items() if k.startswith(("rmse", "fd"))}, step=state.global_step)
     logger.info("round %d %s: %s", state.round, phase, row)
+
+
+def comparison_tables(args, tables: Dict[str, List[float]], schedule) -> List[Tuple[int, str, str, List[float]]]:
+    """(steps, table name, solver, σ table) for the final comparison: the learned table of every tuned count,
+    `--compare_table` at every `--compare_nfe` count, and the base model's reference solve."""
+    from .evaluation import REFERENCE_SOLVER, reference_sigmas
+    from .schedules import baseline_sigmas
+
+    rows = [(n, "learned", args.solver, tables[str(n)]) for n in sorted(set(args.nfe))]
+    rows += [(n, args.compare_table, args.solver, baseline_sigmas(args.compare_table, n, schedule).tolist())
+             for n in sorted(set(args.compare_nfe))]
+    rows.append((args.reference_steps, "reference", REFERENCE_SOLVER,
+                 reference_sigmas(schedule, args.reference_steps).tolist()))
+    return rows
+
+
+def compare_step_counts(args, state: TrainState, tuned: SigmaDenoiser, base: SigmaDenoiser, ema,
+                        ev: dict) -> List[dict]:
+    """The tuned model (EMA weights) next to the base model, each with the same table and solver, at every
+    row of :func:`comparison_tables`: `{nfe, table, solver, tuned_count, tuned_rmse, base_rmse[, *_fd]}`."""
+    rows = []
+    with ema_weights(ema, _trainable(tuned.model)), _eval_mode(tuned.model, base.model):
+        for n, name, solver, sigmas in comparison_tables(args, state.tables, tuned.schedule):
+            row = {"nfe": n, "table": name, "solver": solver, "tuned_count": n in args.nfe}
+            for who, denoiser in (("tuned", tuned), ("base", base)):
+                row.update({f"{who}_{k}": v for k, v in _scores(denoiser, sigmas, solver, ev, args).items()})
+            logger.info("step counts: %s", row)
+            rows.append(row)
+    return rows
 
 
 def _phase1(accelerator, args, state, tuned, teacher, ema, labels, broadcast_object_list) -> Dict[str, List[float]]:
@@ -525,8 +575,9 @@ def _step_outcome(accelerator, loss: torch.Tensor, guard: StopSignals) -> Tuple[
 
 
 # --- output -------------------------------------------------------------------------------------
-def save_output(args, state: TrainState, model, ema, base_config: dict) -> None:
-    """scheduler/, unet/ or unet_lora/, metrics.json, sigmas.png and README.md in `args.output_dir`."""
+def save_output(args, state: TrainState, model, ema, base_config: dict, step_counts: Optional[List[dict]] = None) -> None:
+    """scheduler/, unet/ or unet_lora/, metrics.json, sigmas.png and README.md in `args.output_dir`;
+    `step_counts` are the rows of :func:`compare_step_counts`."""
     from .model_card import save_model_card
     from .scheduler import LearnedScheduleScheduler
 
@@ -542,11 +593,11 @@ def save_output(args, state: TrainState, model, ema, base_config: dict) -> None:
             _save_pipeline(model, scheduler, args)
     scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump({"metrics": state.metrics, "tables": state.tables, "args": {k: v for k, v in vars(args).items()
+        json.dump({"metrics": state.metrics, "step_counts": step_counts or [], "tables": state.tables, "args": {k: v for k, v in vars(args).items()
                                                                              if not k.startswith("hub_token")}}, f, indent=1)
     save_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path, tables=state.tables,
                     metrics=state.metrics, solver=args.solver, use_lora=args.use_lora, tuned=args.rounds > 0,
-                    hub_model_id=args.hub_model_id)
+                    hub_model_id=args.hub_model_id, step_counts=step_counts)
 
 
 def _save_pipeline(model, scheduler, args) -> None:
