@@ -335,6 +335,33 @@ def test_model_card_warns_with_the_numbers_at_counts_it_was_not_tuned_for():
                                                                      True, "me/x", rows)
 
 
+def test_speed_options_train_the_same_model_on_cpu(tiny_pipeline, tmp_path):
+    """--channels_last --compile --use_fused_adamw on the CPU (compile traces with the 'eager' backend, fused
+    AdamW is left to CUDA): checkpoints save and the weights match the plain run's to float precision."""
+    from diffusers_fewstep.checkpoints import checkpoints
+    from diffusers_fewstep.train import main, parse_args
+
+    args = ["--pretrained_model_name_or_path", tiny_pipeline, "--rounds", "1", "--phase2_steps", "3",
+            "--checkpointing_steps", "1", *FAST[:-4], "--phase1_iters", "0", "--eval_samples", "0", "--learning_rate", "1e-3"]
+    plain, fast = str(tmp_path / "plain"), str(tmp_path / "fast")
+    main(parse_args(args + ["--output_dir", plain]))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    main(parse_args(args + ["--output_dir", fast, "--channels_last", "--compile", "--use_fused_adamw"]))
+    assert counters["stats"]["unique_graphs"] > 0  # the model ran through dynamo
+    # saving needs the contiguous-weights hook: safetensors refuses channels-last tensors
+    assert checkpoints(fast) == ["checkpoint-0", "checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    from diffusers import UNet2DModel
+
+    base = UNet2DModel.from_pretrained(tiny_pipeline, subfolder="unet").state_dict()
+    a, b = _weights(plain), _weights(fast)
+    update = max(float((a[k] - base[k]).abs().max()) for k in a)
+    differ = max(float((a[k] - b[k]).abs().max()) for k in a)
+    # Adam's normalised steps turn float-rounding differences of tiny gradients into visible ones
+    assert update > 1e-3 and differ < 0.03 * update, (update, differ)
+
+
 def test_lora_output_loads_with_peft(tiny_pipeline, tmp_path):
     """LoRA, with an image-folder dataset for the mixed-in denoising loss."""
     import numpy as np

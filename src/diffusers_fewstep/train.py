@@ -93,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fd_samples", type=int, default=5000, help="Samples per FD evaluation.")
     parser.add_argument("--compare_nfe", type=int, nargs="*", default=[2, 3, 4, 5, 6, 8, 10], help="Step counts at which the final model is also measured with the --compare_table table, next to the base model (the reference solve is always measured).")
     parser.add_argument("--compare_table", type=str, default="ddim_trailing", choices=["ddim_trailing", "ddim_leading", "karras", "loguniform"], help="Hand-made table (schedules.baseline_sigmas) for the --compare_nfe counts.")
+    parser.add_argument("--channels_last", action="store_true", help="Keep the model in channels-last memory format (convolutions; see benchmarks/profile_phase2.py).")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the trained model: inductor on CUDA; elsewhere only dynamo's tracing (backend 'eager'), as inductor's CPU build takes minutes.")
+    parser.add_argument("--use_fused_adamw", action="store_true", help="AdamW's fused CUDA kernel (ignored off CUDA).")
     parser.add_argument("--report_to", type=str, default=None, help="Tracker(s) for accelerate: tensorboard, wandb, all.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub.")
@@ -247,10 +250,12 @@ def main(args: argparse.Namespace) -> str:
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
     teacher_module = make_teacher(model, args.use_lora).to(device)
     model.to(device).train()
+    _speed_options(accelerator, model, teacher_module, args)
     params = [p for p in model.parameters() if p.requires_grad]
     ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=True if args.use_fused_adamw and device.type == "cuda" else None)
     total_steps = args.rounds * args.phase2_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -326,6 +331,30 @@ def main(args: argparse.Namespace) -> str:
         finally:
             accelerator.end_training()
     return args.output_dir
+
+
+def _speed_options(accelerator, model, teacher_module, args) -> None:
+    """`--channels_last` (model and teacher) and `--compile` (the trained model), before `accelerator.prepare`."""
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        teacher_module.to(memory_format=torch.channels_last)
+        accelerator.register_save_state_pre_hook(_contiguous_weights)
+    if args.compile:
+        logger.info("torch.compile(backend=%r) of the trained model", compile_backend(accelerator.device))
+        model.compile(backend=compile_backend(accelerator.device))
+
+
+def compile_backend(device) -> str:
+    """inductor on CUDA; elsewhere dynamo's tracing only ('eager'): inductor's CPU build takes minutes."""
+    return "inductor" if torch.device(device).type == "cuda" else "eager"
+
+
+def _contiguous_weights(models, weights, output_dir) -> None:
+    """`save_state` hook: safetensors refuses channels-last tensors, so save them contiguous."""
+    for state_dict in weights:
+        for key, value in state_dict.items():
+            if torch.is_tensor(value) and not value.is_contiguous():
+                state_dict[key] = value.contiguous()
 
 
 def _set_learning_rate(accelerator, optimizer, lr_scheduler, lr: float) -> None:
