@@ -13,6 +13,10 @@ stop with the last good checkpoint kept when the loss diverges.
   moving average, per step count, of the losses that were not flagged).
 - :func:`keep_checkpoints_before`: after a divergence, checkpoints saved after the last good step are
   renamed `diverged-checkpoint-{step}`, so `--resume_from_checkpoint latest` picks the good one.
+
+The functions at the end apply these in `train.py`'s loop, the same on every process: :func:`step_outcome`
+(loss and signal, reduced over processes), :func:`stop_if_diverged`, :func:`save_or_stop`,
+:func:`save_after_error`, and :func:`set_learning_rate` for a resume with another learning rate.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ import os
 import shutil
 import signal
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
+
+import torch
 
 PREFIX = "checkpoint-"
 DIVERGED_PREFIX = "diverged-"
@@ -170,3 +176,76 @@ class DivergenceMonitor:
         the weights after step s − 1."""
         last = self.state["last_good_step"]
         return max(0, (last if last is not None else step) - 1)
+
+
+# --- the training loop's side (train.py): `args` are its options, `state` its TrainState ---------------
+def set_learning_rate(accelerator, optimizer, lr_scheduler, lr: float) -> None:
+    """After a resume: a `--learning_rate` other than the checkpoint's replaces it (the schedule's factor kept)."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if all(base == lr for base in scheduler.base_lrs):
+        return
+    accelerator.print(f"--learning_rate {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}")
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = group["lr"] * lr / base
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum") > 0)
+
+
+def save_or_stop(accelerator, args, state, guard: StopSignals) -> None:
+    """Save `checkpoint-{global_step}`; if a signal came meanwhile (to any process), stop here."""
+    name = save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
+    guard.saved(name)
+    if any_process(accelerator, guard.received is not None):
+        raise TrainingStopped(guard.stop_message(name, state.global_step), 128 + (guard.received or 15))
+
+
+def save_after_error(accelerator, args, state, guard: StopSignals, optimizer) -> None:
+    """After an exception, save the last finished step if no checkpoint holds it. One process only: with
+    several, the others may wait in a collective that never comes."""
+    if not guard.has_unsaved:
+        return
+    if accelerator.num_processes > 1:
+        accelerator.print(f"error after step {state.global_step}: no checkpoint saved (several processes); "
+                          f"continue from {guard.last_saved} with --resume_from_checkpoint latest")
+        return
+    accelerator.step = state.global_step * args.gradient_accumulation_steps  # drop a half-accumulated step
+    optimizer.zero_grad()
+    try:
+        name = save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
+    except Exception as err:  # the error may be the disk itself; the original error is raised next
+        accelerator.print(f"error after step {state.global_step}, and saving a checkpoint failed too: {err!r}")
+        return
+    accelerator.print(f"error after step {state.global_step}: saved {name}; fix the cause and continue with "
+                      "--resume_from_checkpoint latest")
+
+
+def stop_if_diverged(accelerator, args, state, nfe: int, loss: float) -> None:
+    """Stop Phase 2 if its loss diverged (:class:`DivergenceMonitor`), keeping the last good checkpoint."""
+    monitor = DivergenceMonitor(args.divergence_factor, args.divergence_patience, state=state.divergence)
+    reason = monitor.update(nfe, loss, state.global_step)
+    if reason is None:
+        return
+    if accelerator.is_main_process:
+        keep_checkpoints_before(args.output_dir, monitor.good_weights_step(state.global_step))
+    accelerator.wait_for_everyone()
+    left = checkpoints(args.output_dir)
+    advice = f"lower --learning_rate (now {args.learning_rate:g})"
+    then = (f"kept {left[-1]} (later ones renamed diverged-checkpoint-*); {advice} and continue with "
+            "--resume_from_checkpoint latest") if left else f"no checkpoint from before it is left; {advice} and start again"
+    raise TrainingStopped(f"Phase 2 diverged at step {state.global_step} ({nfe} steps, round {state.round}): "
+                          f"{reason}; {then}")
+
+
+def step_outcome(accelerator, loss: torch.Tensor, guard: StopSignals) -> Tuple[float, bool]:
+    """The step's loss averaged over processes, and whether any process received a stop signal."""
+    both = torch.stack([loss.float(), loss.new_tensor(float(guard.received is not None))])
+    if accelerator.num_processes > 1:
+        both = accelerator.reduce(both, "mean")
+    return float(both[0]), bool(both[1] > 0)

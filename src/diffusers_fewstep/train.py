@@ -33,8 +33,8 @@ import torch
 
 from . import DEFAULT_MODEL, solvers
 from .adapter import SigmaDenoiser
-from .checkpoints import (DivergenceMonitor, StopSignals, TrainingStopped, checkpoints, keep_checkpoints_before,
-                          resume, save_checkpoint)
+from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error, save_or_stop, set_learning_rate,
+                          step_outcome, stop_if_diverged)
 from .data import load_images
 from .finetune import PHASE2_TARGETS, add_lora, ema_weights, make_teacher, phase2_loss, teacher_states
 
@@ -284,7 +284,7 @@ def main(args: argparse.Namespace) -> str:
     # 2. resume, and the fixed evaluation set (teacher references)
     resumed = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
     if resumed:
-        _set_learning_rate(accelerator, optimizer, lr_scheduler, args.learning_rate)
+        set_learning_rate(accelerator, optimizer, lr_scheduler, args.learning_rate)
     if ema is not None:
         ema.to(device)
     ev = _eval_set(teacher, args, device, labels) if accelerator.is_main_process and args.eval_samples > 0 else None
@@ -302,7 +302,7 @@ def main(args: argparse.Namespace) -> str:
                     if accelerator.is_main_process:
                         with ema_weights(ema, _trainable(unwrapped)):
                             _record(accelerator, state, "phase1", tuned, ev, args)
-                    _checkpoint(accelerator, args, state, guard)
+                    save_or_stop(accelerator, args, state, guard)
                 if state.round >= args.rounds:
                     break
                 if _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data,
@@ -313,7 +313,7 @@ def main(args: argparse.Namespace) -> str:
                     with ema_weights(ema, _trainable(unwrapped)):
                         evaluate()
                 state.round, state.phase = state.round + 1, 1
-                _checkpoint(accelerator, args, state, guard)
+                save_or_stop(accelerator, args, state, guard)
 
             # 4. the tuned model at every step count next to the base model, and the output folder
             accelerator.wait_for_everyone()
@@ -326,7 +326,7 @@ def main(args: argparse.Namespace) -> str:
             accelerator.print(str(stop))
             raise
         except Exception:
-            _save_after_error(accelerator, args, state, guard, optimizer)
+            save_after_error(accelerator, args, state, guard, optimizer)
             raise
         finally:
             accelerator.end_training()
@@ -355,71 +355,6 @@ def _contiguous_weights(models, weights, output_dir) -> None:
         for key, value in state_dict.items():
             if torch.is_tensor(value) and not value.is_contiguous():
                 state_dict[key] = value.contiguous()
-
-
-def _set_learning_rate(accelerator, optimizer, lr_scheduler, lr: float) -> None:
-    """After a resume: a `--learning_rate` other than the checkpoint's replaces it (the schedule's factor kept)."""
-    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    if all(base == lr for base in scheduler.base_lrs):
-        return
-    accelerator.print(f"--learning_rate {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}")
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = group["lr"] * lr / base
-        group["initial_lr"] = lr
-    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
-# --- stopping safely (checkpoints.py) -------------------------------------------------------------
-def _any_process(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum") > 0)
-
-
-def _checkpoint(accelerator, args, state: TrainState, guard: StopSignals) -> None:
-    """Save `checkpoint-{global_step}`; if a signal came meanwhile (to any process), stop here."""
-    name = save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
-    guard.saved(name)
-    if _any_process(accelerator, guard.received is not None):
-        raise TrainingStopped(guard.stop_message(name, state.global_step), 128 + (guard.received or 15))
-
-
-def _save_after_error(accelerator, args, state: TrainState, guard: StopSignals, optimizer) -> None:
-    """After an exception, save the last finished step if no checkpoint holds it. One process only: with
-    several, the others may wait in a collective that never comes."""
-    if not guard.has_unsaved:
-        return
-    if accelerator.num_processes > 1:
-        accelerator.print(f"error after step {state.global_step}: no checkpoint saved (several processes); "
-                          f"continue from {guard.last_saved} with --resume_from_checkpoint latest")
-        return
-    accelerator.step = state.global_step * args.gradient_accumulation_steps  # drop a half-accumulated step
-    optimizer.zero_grad()
-    try:
-        name = save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
-    except Exception as err:  # the error may be the disk itself; the original error is raised next
-        accelerator.print(f"error after step {state.global_step}, and saving a checkpoint failed too: {err!r}")
-        return
-    accelerator.print(f"error after step {state.global_step}: saved {name}; fix the cause and continue with "
-                      "--resume_from_checkpoint latest")
-
-
-def _check_divergence(accelerator, args, state: TrainState, nfe: int, loss: float) -> None:
-    """Stop Phase 2 if its loss diverged (`checkpoints.DivergenceMonitor`), keeping the last good checkpoint."""
-    monitor = DivergenceMonitor(args.divergence_factor, args.divergence_patience, state=state.divergence)
-    reason = monitor.update(nfe, loss, state.global_step)
-    if reason is None:
-        return
-    if accelerator.is_main_process:
-        keep_checkpoints_before(args.output_dir, monitor.good_weights_step(state.global_step))
-    accelerator.wait_for_everyone()
-    left = checkpoints(args.output_dir)
-    advice = f"lower --learning_rate (now {args.learning_rate:g})"
-    then = (f"kept {left[-1]} (later ones renamed diverged-checkpoint-*); {advice} and continue with "
-            "--resume_from_checkpoint latest") if left else f"no checkpoint from before it is left; {advice} and start again"
-    raise TrainingStopped(f"Phase 2 diverged at step {state.global_step} ({nfe} steps, round {state.round}): "
-                          f"{reason}; {then}")
 
 
 def _trainable(model) -> list:
@@ -542,7 +477,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
     """Phase 2 of the current round from `state.step_in_phase`; True if `--stop_after_steps` stopped it.
 
     Step k trains the count `--nfe[k % len(--nfe)]`. After every step: a diverged loss stops the run
-    (:func:`_check_divergence`), and a signal saves a checkpoint and stops it (:func:`_checkpoint`)."""
+    (`checkpoints.stop_if_diverged`), and a signal saves a checkpoint and stops it (`checkpoints.save_or_stop`)."""
     if state.step_in_phase >= args.phase2_steps:
         return False
     device, rank = accelerator.device, accelerator.process_index
@@ -579,28 +514,20 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
             ema.step(_trainable(accelerator.unwrap_model(model)))
         state.global_step += 1
         state.step_in_phase += 1
-        loss, stop = _step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)
+        loss, stop = step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)
         logs.update(loss=loss, lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
         accelerator.log(logs, step=state.global_step)
-        _check_divergence(accelerator, args, state, n, loss)
+        stop_if_diverged(accelerator, args, state, n, loss)
         if stop:
-            _checkpoint(accelerator, args, state, guard)
+            save_or_stop(accelerator, args, state, guard)
         if evaluate is not None and args.eval_steps and state.global_step % args.eval_steps == 0:
             with ema_weights(ema, _trainable(accelerator.unwrap_model(model))):
                 evaluate()
         if state.global_step % args.checkpointing_steps == 0:
-            _checkpoint(accelerator, args, state, guard)
+            save_or_stop(accelerator, args, state, guard)
         if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
             return True
     return False
-
-
-def _step_outcome(accelerator, loss: torch.Tensor, guard: StopSignals) -> Tuple[float, bool]:
-    """The step's loss averaged over processes, and whether any process received a stop signal."""
-    both = torch.stack([loss.float(), loss.new_tensor(float(guard.received is not None))])
-    if accelerator.num_processes > 1:
-        both = accelerator.reduce(both, "mean")
-    return float(both[0]), bool(both[1] > 0)
 
 
 # --- output -------------------------------------------------------------------------------------
