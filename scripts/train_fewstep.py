@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from diffusers_fewstep.train import main, parse_args  # noqa: E402
+from diffusers_fewstep.train import parse_args, run  # noqa: E402
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run(parse_args()))

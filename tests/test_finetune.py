@@ -166,3 +166,21 @@ def test_lora_student_and_adapter_off_teacher():
     assert (model(x, timestep=t).sample - same).abs().max() > 1e-3
     assert torch.allclose(teacher(x, timestep=t).sample, same, atol=1e-6)
     assert (model(x, timestep=t).sample - same).abs().max() > 1e-3  # adapter back on afterwards
+
+
+def test_lora_target_sets_by_name_and_layer_type():
+    from diffusers_fewstep.finetune import LORA_ATTENTION_MODULES, lora_target_modules
+
+    unet = tiny_unet()
+    assert lora_target_modules(unet) == ["conv1", "conv2", "time_emb_proj", "to_k", "to_out.0", "to_q", "to_v"]
+    assert lora_target_modules(unet, layer_types=(nn.Linear,)) == ["time_emb_proj", "to_k", "to_out.0", "to_q", "to_v"]
+    assert lora_target_modules(unet, LORA_ATTENTION_MODULES) == ["to_k", "to_out.0", "to_q", "to_v"]
+    # a name shared by a Linear and a Conv2d is left out of the Linear-only set (peft would wrap both)
+    both = nn.ModuleDict({"a": nn.ModuleDict({"proj": nn.Linear(2, 2)}), "b": nn.ModuleDict({"proj": nn.Conv2d(2, 2, 1)})})
+    assert lora_target_modules(both, ["proj"]) == ["proj"]
+    with pytest.raises(ValueError, match="no Linear layer of ModuleDict matches the LoRA targets"):
+        lora_target_modules(both, ["proj"], layer_types=(nn.Linear,))
+    model = add_lora(unet, rank=2, target_modules=lora_target_modules(unet, layer_types=(nn.Linear,)))
+    wrapped = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert wrapped and not any(n.endswith(("conv1", "conv2")) for n in wrapped)
+    assert any(n.endswith("time_emb_proj") for n in wrapped)

@@ -40,6 +40,7 @@ PHASE2_TARGETS = ("interval_average", "trajectory")
 # layers of diffusers UNets that get LoRA adapters: attention projections, resnet convolutions,
 # time-embedding projections (peft matches these as suffixes of module names)
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj", "proj_in", "proj_out")
+LORA_ATTENTION_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections only
 
 
 # --- teacher trajectories ------------------------------------------------------------------
@@ -194,14 +195,19 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
 
 
 # --- LoRA and the frozen teacher -------------------------------------------------------------
-def lora_target_modules(model: nn.Module, candidates: Sequence[str] = LORA_TARGET_MODULES) -> list:
-    """The names in `candidates` that match at least one Linear/Conv2d module of `model`."""
-    found = set()
+def lora_target_modules(model: nn.Module, candidates: Sequence[str] = LORA_TARGET_MODULES,
+                        layer_types: Tuple[type, ...] = (nn.Linear, nn.Conv2d)) -> list:
+    """The names in `candidates` that match a `layer_types` module of `model` and no other Linear/Conv2d
+    module (peft matches names as suffixes); `layer_types=(nn.Linear,)` leaves the convolutions out."""
+    found, other = set(), set()
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            found.update(c for c in candidates if name == c or name.endswith("." + c))
+            hits = {c for c in candidates if name == c or name.endswith("." + c)}
+            (found if isinstance(module, layer_types) else other).update(hits)
+    found -= other
     if not found:
-        raise ValueError(f"no layer of {type(model).__name__} matches the LoRA targets {list(candidates)}")
+        raise ValueError(f"no {'/'.join(t.__name__ for t in layer_types)} layer of {type(model).__name__} matches "
+                         f"the LoRA targets {list(candidates)}; pass other target_modules")
     return sorted(found)
 
 

@@ -1,4 +1,5 @@
-"""Model card (README.md) for a trained few-step output folder: loading snippet, σ plot, metrics per round."""
+"""Model card (README.md) for a trained few-step output folder: loading snippet, σ plot, metrics per round,
+and the tuned model against the base model at the step counts it was tuned for and at others."""
 from __future__ import annotations
 
 import os
@@ -29,8 +30,56 @@ def metrics_table(metrics: List[dict]) -> str:
     return "\n".join([head, rule, *body])
 
 
+def _row_label(row: dict) -> str:
+    table = "reference solve" if row["table"] == "reference" else f"{row['table']} table"
+    return f"{row['nfe']} steps ({table}, `{row['solver']}`)"
+
+
+def step_counts_table(rows: List[dict]) -> str:
+    """Markdown table of `train.compare_step_counts` rows: tuned and base model side by side at every count."""
+    metrics = [m for m in ("fd", "rmse") if any(f"tuned_{m}" in r for r in rows)]
+    head = "| steps | table | solver | tuned for it | " + " | ".join(
+        f"{m.upper()} tuned | {m.upper()} base" for m in metrics) + " |"
+    rule = "|" + "---|" * (4 + 2 * len(metrics))
+    body = [f"| {r['nfe']} | {r['table']} | {r['solver']} | {'yes' if r['tuned_count'] else 'no'} | " + " | ".join(
+        f"{r.get(f'tuned_{m}', float('nan')):.4g} | {r.get(f'base_{m}', float('nan')):.4g}" for m in metrics) + " |"
+        for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def specialisation_warning(rows: List[dict], nfes: Sequence[int]) -> str:
+    """The warning that counts the model was not tuned for may be worse, with the measured numbers."""
+    metric = "fd" if all("tuned_fd" in r for r in rows) else "rmse"
+    worse = [r for r in rows if not r["tuned_count"] and r[f"tuned_{metric}"] > r[f"base_{metric}"]]
+    counts = ", ".join(map(str, nfes))
+    text = (f"**Other step counts may be worse.** This model was tuned for {counts} steps only; "
+            "a model tuned for few steps specialises to them.")
+    if not worse:
+        return text + f" At the other counts measured above it was not worse than the base model ({metric.upper()})."
+    found = "; ".join(f"{_row_label(r)}: {metric.upper()} {r[f'tuned_{metric}']:.4g} against the base model's "
+                      f"{r[f'base_{metric}']:.4g}" for r in worse)
+    return text + f" Measured worse than the base model at {found}. Use the base model at those counts."
+
+
+def step_counts_section(rows: List[dict], nfes: Sequence[int]) -> str:
+    if not rows:
+        return ""
+    return f"""
+## Step counts
+
+Tuned for **{", ".join(map(str, nfes))}** steps. Measured at the end of training on the evaluation noises, the
+tuned model next to the base model with the same σ table and solver: at the counts it was tuned for (its learned
+tables), at other counts with a hand-made table, and with the base model's many-step reference solve. RMSE is
+against the base model's reference solution (so the base model scores 0 on the reference solve).
+
+{step_counts_table(rows)}
+
+{specialisation_warning(rows, nfes)}
+"""
+
+
 def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict], solver: str,
-              use_lora: bool, tuned: bool, repo_id: str) -> str:
+              use_lora: bool, tuned: bool, repo_id: str, step_counts: Optional[List[dict]] = None) -> str:
     nfes = sorted(int(k) for k in tables)
     if not tuned:
         load = (f'pipe = DDPMPipeline.from_pretrained("{base_model}")  # or your pipeline class\n'
@@ -75,12 +124,12 @@ solution from the same noise and, when measured, the Fréchet distance (FD) of i
 reference images (lower is better for both), after each phase.
 
 {metrics_table(metrics)}
-"""
+{step_counts_section(step_counts or [], nfes)}"""
 
 
 def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict],
                     solver: str = "euler", use_lora: bool = False, tuned: bool = True,
-                    hub_model_id: Optional[str] = None):
+                    hub_model_id: Optional[str] = None, step_counts: Optional[List[dict]] = None):
     """Write `README.md` (a `huggingface_hub.ModelCard`) and the σ plot into `output_dir`; returns the card."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -89,6 +138,6 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
     data = ModelCardData(library_name="diffusers", base_model=base_model if not os.path.isdir(base_model) else None,
                          tags=["diffusers", "diffusers-fewstep", "few-step-sampling"] + (["lora"] if use_lora else []))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(base_model, tables, metrics, solver, use_lora,
-                                                                    tuned, repo_id))
+                                                                    tuned, repo_id, step_counts))
     card.save(os.path.join(output_dir, "README.md"))
     return card

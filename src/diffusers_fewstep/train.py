@@ -8,7 +8,10 @@ a final Phase 1 re-learns the tables for the tuned model. Conventions follow dif
 `examples/unconditional_image_generation/train_unconditional.py`: `checkpoint-{step}` folders,
 `--checkpoints_total_limit`, `--resume_from_checkpoint latest`, trackers through `--report_to`,
 `--push_to_hub`. Every random draw comes from a generator seeded by (seed, round, step), so a
-resumed run continues exactly where a killed one stopped.
+resumed run continues exactly where a killed one stopped. A run stops early in one line, with
+nothing lost (:mod:`diffusers_fewstep.checkpoints`): on SIGTERM/SIGINT or an error it saves a
+checkpoint first; when the Phase-2 loss diverges it keeps the last good checkpoint. At the end the
+tuned model is measured next to the base model at the counts it was tuned for and at others.
 
 The output folder holds `scheduler/` (a `LearnedScheduleScheduler` with a table for every NFE),
 the tuned `unet/` (full fine-tuning; with the base pipeline's `model_index.json` when the base
@@ -18,18 +21,20 @@ and a model card `README.md`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
-import shutil
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import DEFAULT_MODEL, solvers
 from .adapter import SigmaDenoiser
+from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error, save_or_stop, set_learning_rate,
+                          step_outcome, stop_if_diverged)
 from .data import load_images
 from .finetune import PHASE2_TARGETS, add_lora, ema_weights, make_teacher, phase2_loss, teacher_states
 
@@ -79,11 +84,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
     parser.add_argument("--stop_after_steps", type=int, default=None, help="Stop (without saving) after this many optimiser steps, as if killed.")
+    parser.add_argument("--divergence_factor", type=float, default=10.0, help="A Phase-2 loss above this multiple of its running level is a spike (0: only non-finite losses stop the run).")
+    parser.add_argument("--divergence_patience", type=int, default=5, help="Consecutive spiking steps after which Phase 2 has diverged and stops, keeping the last good checkpoint.")
     parser.add_argument("--eval_samples", type=int, default=256, help="Noises for the endpoint RMSE reported after every phase.")
     parser.add_argument("--eval_steps", type=int, default=None, help="Also evaluate every this many Phase-2 steps (learning curve).")
     parser.add_argument("--fd_classifier", type=str, default=None, help="Feature network folder (arch.py with load_classifier); adds FD to every evaluation.")
     parser.add_argument("--fd_data", type=str, default=None, help="Folder with the Fashion-MNIST test IDX files for the FD reference statistics.")
     parser.add_argument("--fd_samples", type=int, default=5000, help="Samples per FD evaluation.")
+    parser.add_argument("--compare_nfe", type=int, nargs="*", default=[2, 3, 4, 5, 6, 8, 10], help="Step counts at which the final model is also measured with the --compare_table table, next to the base model (the reference solve is always measured).")
+    parser.add_argument("--compare_table", type=str, default="ddim_trailing", choices=["ddim_trailing", "ddim_leading", "karras", "loguniform"], help="Hand-made table (schedules.baseline_sigmas) for the --compare_nfe counts.")
+    parser.add_argument("--channels_last", action="store_true", help="Keep the model in channels-last memory format (convolutions; see benchmarks/profile_phase2.py).")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the trained model: inductor on CUDA; elsewhere only dynamo's tracing (backend 'eager'), as inductor's CPU build takes minutes.")
+    parser.add_argument("--use_fused_adamw", action="store_true", help="AdamW's fused CUDA kernel (ignored off CUDA).")
     parser.add_argument("--report_to", type=str, default=None, help="Tracker(s) for accelerate: tensorboard, wandb, all.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub.")
@@ -96,28 +108,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     args = add_arguments(parser).parse_args(argv)
-    if len(args.denoising_weight) > 1 and any(len(args.denoising_weight) != n for n in args.nfe):
-        parser.error(f"--denoising_weight takes 1 value or one per step ({args.nfe}); got {args.denoising_weight}")
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Settings that cannot work, refused before anything is loaded (one-line ValueError)."""
+    if min(args.nfe) < 1 or min(args.compare_nfe, default=1) < 1:
+        raise ValueError(f"--nfe and --compare_nfe take step counts ≥ 1; got {args.nfe} and {args.compare_nfe}")
+    if len(args.denoising_weight) > 1 and any(len(args.denoising_weight) != n for n in args.nfe):
+        raise ValueError(f"--denoising_weight takes 1 value or one per step ({args.nfe}); got {args.denoising_weight}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0; got {args.learning_rate}")
+    if args.divergence_factor != 0 and not args.divergence_factor > 1:
+        raise ValueError("--divergence_factor must be > 1 (or 0: stop only at non-finite losses); "
+                         f"got {args.divergence_factor}")
+    if args.divergence_patience < 1 or args.checkpointing_steps < 1:
+        raise ValueError("--divergence_patience and --checkpointing_steps must be ≥ 1; got "
+                         f"{args.divergence_patience} and {args.checkpointing_steps}")
 
 
 # --- state that travels in a checkpoint ----------------------------------------------------------
 class TrainState:
-    """Round/phase counters, the current σ tables and the metrics, saved in every checkpoint."""
+    """Round/phase counters, the current σ tables, the metrics and the divergence monitor's state,
+    saved in every checkpoint. `phase` is the phase to run next (1) or running (2); after the last
+    Phase 1 it is 2 with `round == --rounds`: only the output is left."""
 
     def __init__(self):
         self.round, self.phase, self.global_step, self.step_in_phase = 0, 1, 0, 0
         self.tables: Dict[str, List[float]] = {}
         self.metrics: List[dict] = []
+        self.divergence: dict = {}
 
     def state_dict(self) -> dict:
         return {"round": self.round, "phase": self.phase, "global_step": self.global_step,
-                "step_in_phase": self.step_in_phase, "tables": json.dumps(self.tables), "metrics": json.dumps(self.metrics)}
+                "step_in_phase": self.step_in_phase, "tables": json.dumps(self.tables), "metrics": json.dumps(self.metrics),
+                "divergence": json.dumps(self.divergence)}
 
     def load_state_dict(self, state: dict) -> None:
         self.round, self.phase = int(state["round"]), int(state["phase"])
         self.global_step, self.step_in_phase = int(state["global_step"]), int(state["step_in_phase"])
         self.tables, self.metrics = json.loads(state["tables"]), json.loads(state["metrics"])
+        self.divergence = json.loads(state.get("divergence", "{}"))
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -185,40 +220,6 @@ def build_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, ge
     return pool
 
 
-# --- checkpoints --------------------------------------------------------------------------------
-def _checkpoints(output_dir: str) -> List[str]:
-    if not os.path.isdir(output_dir):
-        return []
-    dirs = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
-    return sorted(dirs, key=lambda d: int(d.split("-")[1]))
-
-
-def save_checkpoint(accelerator, args, step: int) -> None:
-    """`checkpoint-{step}` via `accelerator.save_state`, honouring `--checkpoints_total_limit`."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = [d for d in _checkpoints(args.output_dir) if d != f"checkpoint-{step}"]
-        for d in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, d))
-    accelerator.wait_for_everyone()
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
-
-
-def resume(accelerator, args) -> Optional[str]:
-    """Load `--resume_from_checkpoint` (a folder or 'latest'); returns the folder or None."""
-    if not args.resume_from_checkpoint:
-        return None
-    path = args.resume_from_checkpoint
-    if path == "latest":
-        found = _checkpoints(args.output_dir)
-        if not found:
-            accelerator.print(f"no checkpoint in {args.output_dir}; starting a new run")
-            return None
-        path = os.path.join(args.output_dir, found[-1])
-    accelerator.print(f"resuming from {path}")
-    accelerator.load_state(path)
-    return path
-
-
 # --- the run ------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> str:
     from accelerate import Accelerator
@@ -228,6 +229,7 @@ def main(args: argparse.Namespace) -> str:
 
     from .hub import load_model_and_scheduler_config
 
+    check_args(args)
     args.start_time = time.time()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -250,10 +252,12 @@ def main(args: argparse.Namespace) -> str:
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
     teacher_module = make_teacher(model, args.use_lora).to(device)
     model.to(device).train()
+    _speed_options(accelerator, model, teacher_module, args)
     params = [p for p in model.parameters() if p.requires_grad]
     ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=True if args.use_fused_adamw and device.type == "cuda" else None)
     total_steps = args.rounds * args.phase2_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -280,39 +284,79 @@ def main(args: argparse.Namespace) -> str:
         data = load_images(args.train_data_dir, args.sample_shape)
 
     # 2. resume, and the fixed evaluation set (teacher references)
-    resume(accelerator, args)
+    resumed = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if resumed:
+        set_learning_rate(accelerator, optimizer, lr_scheduler, args.learning_rate)
     if ema is not None:
         ema.to(device)
     ev = _eval_set(teacher, args, device, labels) if accelerator.is_main_process and args.eval_samples > 0 else None
 
-    # 3. alternate the phases
-    while True:
-        if state.phase == 1:
-            _phase1(accelerator, args, state, tuned, teacher, ema, ev, labels, broadcast_object_list)
-            if state.round >= args.rounds:
-                break
-            state.phase, state.step_in_phase = 2, 0
-            save_checkpoint(accelerator, args, state.global_step)
-        evaluate = lambda: _record(accelerator, state, "phase2", tuned, ev, args)  # noqa: E731
-        stopped = _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels,
-                          evaluate if accelerator.is_main_process else None)
-        if stopped:
-            accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
-            accelerator.end_training()
-            return args.output_dir
-        if accelerator.is_main_process and not (args.eval_steps and state.global_step % args.eval_steps == 0):
-            with ema_weights(ema, _trainable(unwrapped)):
-                evaluate()
-        state.round, state.phase = state.round + 1, 1
+    # 3. alternate the phases; a signal or an error saves a checkpoint before the run ends (checkpoints.py)
+    evaluate = lambda: _record(accelerator, state, "phase2", tuned, ev, args)  # noqa: E731
+    with StopSignals() as guard:
+        guard.saved(resumed and os.path.basename(os.path.normpath(resumed)))
+        try:
+            while True:
+                if state.phase == 1:
+                    tables = _phase1(accelerator, args, state, tuned, teacher, ema, labels, broadcast_object_list)
+                    guard.unsaved()
+                    state.tables, state.phase, state.step_in_phase, state.divergence = tables, 2, 0, {}
+                    if accelerator.is_main_process:
+                        with ema_weights(ema, _trainable(unwrapped)):
+                            _record(accelerator, state, "phase1", tuned, ev, args)
+                    save_or_stop(accelerator, args, state, guard)
+                if state.round >= args.rounds:
+                    break
+                if _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data,
+                           labels, guard, evaluate if accelerator.is_main_process else None):
+                    accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
+                    return args.output_dir
+                if accelerator.is_main_process and not (args.eval_steps and state.global_step % args.eval_steps == 0):
+                    with ema_weights(ema, _trainable(unwrapped)):
+                        evaluate()
+                state.round, state.phase = state.round + 1, 1
+                save_or_stop(accelerator, args, state, guard)
 
-    # 4. the output folder
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_output(args, state, unwrapped, ema, base_config)
-        if args.push_to_hub:
-            push_to_hub(args)
-    accelerator.end_training()
+            # 4. the tuned model at every step count next to the base model, and the output folder
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                counts = compare_step_counts(args, state, tuned, teacher, ema, ev) if ev and args.rounds > 0 else []
+                save_output(args, state, unwrapped, ema, base_config, counts)
+                if args.push_to_hub:
+                    push_to_hub(args)
+        except TrainingStopped as stop:
+            accelerator.print(str(stop))
+            raise
+        except Exception:
+            save_after_error(accelerator, args, state, guard, optimizer)
+            raise
+        finally:
+            accelerator.end_training()
     return args.output_dir
+
+
+def _speed_options(accelerator, model, teacher_module, args) -> None:
+    """`--channels_last` (model and teacher) and `--compile` (the trained model), before `accelerator.prepare`."""
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        teacher_module.to(memory_format=torch.channels_last)
+        accelerator.register_save_state_pre_hook(_contiguous_weights)
+    if args.compile:
+        logger.info("torch.compile(backend=%r) of the trained model", compile_backend(accelerator.device))
+        model.compile(backend=compile_backend(accelerator.device))
+
+
+def compile_backend(device) -> str:
+    """inductor on CUDA; elsewhere dynamo's tracing only ('eager'): inductor's CPU build takes minutes."""
+    return "inductor" if torch.device(device).type == "cuda" else "eager"
+
+
+def _contiguous_weights(models, weights, output_dir) -> None:
+    """`save_state` hook: safetensors refuses channels-last tensors, so save them contiguous."""
+    for state_dict in weights:
+        for key, value in state_dict.items():
+            if torch.is_tensor(value) and not value.is_contiguous():
+                state_dict[key] = value.contiguous()
 
 
 def _trainable(model) -> list:
@@ -350,29 +394,74 @@ def _eval_set(teacher: SigmaDenoiser, args, device, labels: Optional[torch.Tenso
     return ev
 
 
-def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args) -> None:
-    """Endpoint RMSE (and FD) of the current model and tables, appended to `state.metrics`."""
+def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dict[str, float]:
+    """Endpoint RMSE against the base model's reference solve (and FD) of samples from the evaluation noises."""
     from .evaluation import endpoint_rmse, extract_features, frechet_distance
 
+    samples = _generate(denoiser, ev["noise"], sigmas, solver, args, ev["labels"])
+    scores = {"rmse": round(endpoint_rmse(samples[: args.eval_samples], ev["reference"]), 5)}
+    if "net" in ev:
+        scores["fd"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
+    return scores
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules):
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args) -> None:
+    """Endpoint RMSE (and FD) of the current model at every tuned count, appended to `state.metrics`."""
     if ev is None:
         return
     row = {"round": state.round, "phase": phase, "global_step": state.global_step,
            "elapsed_s": round(time.time() - args.start_time, 1)}
-    was_training = tuned.model.training
-    tuned.model.eval()
-    for n in args.nfe:
-        samples = _generate(tuned, ev["noise"], state.tables[str(n)], args.solver, args, ev["labels"])
-        row[f"rmse_nfe{n}"] = round(endpoint_rmse(samples[: args.eval_samples], ev["reference"]), 5)
-        if "net" in ev:
-            row[f"fd_nfe{n}"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
-    tuned.model.train(was_training)
+    with _eval_mode(tuned.model):
+        for n in args.nfe:
+            row.update({f"{k}_nfe{n}": v for k, v in _scores(tuned, state.tables[str(n)], args.solver, ev, args).items()})
     state.metrics.append(row)
     accelerator.log({k: v for k, v in row.items() if k.startswith(("rmse", "fd"))}, step=state.global_step)
     logger.info("round %d %s: %s", state.round, phase, row)
 
 
-def _phase1(accelerator, args, state, tuned, teacher, ema, ev, labels, broadcast_object_list) -> None:
-    """Phase 1 on the main process (with the EMA weights), tables broadcast to every process."""
+def comparison_tables(args, tables: Dict[str, List[float]], schedule) -> List[Tuple[int, str, str, List[float]]]:
+    """(steps, table name, solver, σ table) for the final comparison: the learned table of every tuned count,
+    `--compare_table` at every `--compare_nfe` count, and the base model's reference solve."""
+    from .evaluation import REFERENCE_SOLVER, reference_sigmas
+    from .schedules import baseline_sigmas
+
+    rows = [(n, "learned", args.solver, tables[str(n)]) for n in sorted(set(args.nfe))]
+    rows += [(n, args.compare_table, args.solver, baseline_sigmas(args.compare_table, n, schedule).tolist())
+             for n in sorted(set(args.compare_nfe))]
+    rows.append((args.reference_steps, "reference", REFERENCE_SOLVER,
+                 reference_sigmas(schedule, args.reference_steps).tolist()))
+    return rows
+
+
+def compare_step_counts(args, state: TrainState, tuned: SigmaDenoiser, base: SigmaDenoiser, ema,
+                        ev: dict) -> List[dict]:
+    """The tuned model (EMA weights) next to the base model, each with the same table and solver, at every
+    row of :func:`comparison_tables`: `{nfe, table, solver, tuned_count, tuned_rmse, base_rmse[, *_fd]}`."""
+    rows = []
+    with ema_weights(ema, _trainable(tuned.model)), _eval_mode(tuned.model, base.model):
+        for n, name, solver, sigmas in comparison_tables(args, state.tables, tuned.schedule):
+            row = {"nfe": n, "table": name, "solver": solver, "tuned_count": n in args.nfe}
+            for who, denoiser in (("tuned", tuned), ("base", base)):
+                row.update({f"{who}_{k}": v for k, v in _scores(denoiser, sigmas, solver, ev, args).items()})
+            logger.info("step counts: %s", row)
+            rows.append(row)
+    return rows
+
+
+def _phase1(accelerator, args, state, tuned, teacher, ema, labels, broadcast_object_list) -> Dict[str, List[float]]:
+    """Phase 1 on the main process (with the EMA weights); returns the tables, broadcast to every process."""
     tables = [None]
     if accelerator.is_main_process:
         with ema_weights(ema, _trainable(tuned.model)):
@@ -380,16 +469,19 @@ def _phase1(accelerator, args, state, tuned, teacher, ema, ev, labels, broadcast
             tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or None,
                                    labels=labels, teacher=teacher)
             logger.info("round %d phase 1: %.1f s, tables %s", state.round, time.time() - t0, tables[0])
-            state.tables = tables[0]
-            _record(accelerator, state, "phase1", tuned, ev, args)
     if accelerator.num_processes > 1:
         tables = broadcast_object_list(tables)
-    state.tables = tables[0]
+    return tables[0]
 
 
-def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels,
+def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels, guard,
             evaluate=None) -> bool:
-    """Phase 2 of the current round from `state.step_in_phase`; True if `--stop_after_steps` stopped it."""
+    """Phase 2 of the current round from `state.step_in_phase`; True if `--stop_after_steps` stopped it.
+
+    Step k trains the count `--nfe[k % len(--nfe)]`. After every step: a diverged loss stops the run
+    (`checkpoints.stop_if_diverged`), and a signal saves a checkpoint and stops it (`checkpoints.save_or_stop`)."""
+    if state.step_in_phase >= args.phase2_steps:
+        return False
     device, rank = accelerator.device, accelerator.process_index
     tables = {n: torch.tensor(state.tables[str(n)], dtype=torch.float32, device=device) for n in args.nfe}
     share = math.ceil(args.pool_size / accelerator.num_processes)
@@ -399,11 +491,12 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
     weights = args.denoising_weight if len(args.denoising_weight) > 1 else args.denoising_weight[0]
     model.train()
     while state.step_in_phase < args.phase2_steps:
+        guard.unsaved()
+        n = args.nfe[state.global_step % len(args.nfe)]
+        pool, total = pools[n], 0.0
         for k in range(args.gradient_accumulation_steps):
             micro = state.global_step * args.gradient_accumulation_steps + k
             gen = _generator(args.seed, state.round, micro, rank, 1)
-            n = args.nfe[state.global_step % len(args.nfe)]
-            pool = pools[n]
             pick = torch.randint(pool["states"].shape[1], (args.train_batch_size,), generator=gen).to(device)
             states = pool["states"][:, pick]
             cond = None if "cond" not in pool else {key: v[pick] for key, v in pool["cond"].items()}
@@ -418,25 +511,31 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
+            total = total + loss.detach().float()
         if ema is not None:
             ema.step(_trainable(accelerator.unwrap_model(model)))
         state.global_step += 1
         state.step_in_phase += 1
-        logs.update(loss=float(loss.detach()), lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
+        loss, stop = step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)
+        logs.update(loss=loss, lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
         accelerator.log(logs, step=state.global_step)
+        stop_if_diverged(accelerator, args, state, n, loss)
+        if stop:
+            save_or_stop(accelerator, args, state, guard)
         if evaluate is not None and args.eval_steps and state.global_step % args.eval_steps == 0:
             with ema_weights(ema, _trainable(accelerator.unwrap_model(model))):
                 evaluate()
         if state.global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, state.global_step)
+            save_or_stop(accelerator, args, state, guard)
         if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
             return True
     return False
 
 
 # --- output -------------------------------------------------------------------------------------
-def save_output(args, state: TrainState, model, ema, base_config: dict) -> None:
-    """scheduler/, unet/ or unet_lora/, metrics.json, sigmas.png and README.md in `args.output_dir`."""
+def save_output(args, state: TrainState, model, ema, base_config: dict, step_counts: Optional[List[dict]] = None) -> None:
+    """scheduler/, unet/ or unet_lora/, metrics.json, sigmas.png and README.md in `args.output_dir`;
+    `step_counts` are the rows of :func:`compare_step_counts`."""
     from .model_card import save_model_card
     from .scheduler import LearnedScheduleScheduler
 
@@ -452,11 +551,11 @@ def save_output(args, state: TrainState, model, ema, base_config: dict) -> None:
             _save_pipeline(model, scheduler, args)
     scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump({"metrics": state.metrics, "tables": state.tables, "args": {k: v for k, v in vars(args).items()
+        json.dump({"metrics": state.metrics, "step_counts": step_counts or [], "tables": state.tables, "args": {k: v for k, v in vars(args).items()
                                                                              if not k.startswith("hub_token")}}, f, indent=1)
     save_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path, tables=state.tables,
                     metrics=state.metrics, solver=args.solver, use_lora=args.use_lora, tuned=args.rounds > 0,
-                    hub_model_id=args.hub_model_id)
+                    hub_model_id=args.hub_model_id, step_counts=step_counts)
 
 
 def _save_pipeline(model, scheduler, args) -> None:
@@ -490,10 +589,14 @@ def push_to_hub(args) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`diffusers-fewstep train` (single process; use `accelerate launch scripts/train_fewstep.py` for more)."""
-    main(args)
+    """`diffusers-fewstep train` (single process; use `accelerate launch scripts/train_fewstep.py` for more).
+    Returns the exit status: 0, or that of a run stopped early (:class:`~.checkpoints.TrainingStopped`)."""
+    try:
+        main(args)
+    except TrainingStopped as stop:  # its one line is printed already
+        return stop.exit_code
     return 0
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    raise SystemExit(run(parse_args()))
