@@ -208,18 +208,21 @@ def markdown(result: dict) -> str:
 
 
 def save_grid(path: str, columns: Dict[str, torch.Tensor], scale: int = 3) -> List[str]:
-    """Class rows × scheduler columns, each cell a grey sample upscaled `scale`×, column keys as headers."""
+    """Class rows × scheduler columns, each cell a grey sample upscaled `scale`×, column keys on top, class names left."""
     from PIL import Image, ImageDraw
 
-    cell, head = 32 * scale, 14
+    cell, head, left = 32 * scale, 14, 64
     keys = list(columns)
-    canvas = Image.new("L", (cell * len(keys), head + cell * len(CLASS_NAMES)), color=255)
+    canvas = Image.new("L", (left + cell * len(keys), head + cell * len(CLASS_NAMES)), color=255)
     draw = ImageDraw.Draw(canvas)
+    for r, name in enumerate(CLASS_NAMES):
+        draw.text((2, head + r * cell + cell // 2 - 5), name, fill=0)
     for c, key in enumerate(keys):
-        draw.text((c * cell + 2, 1), key.replace("learned:", "L:")[: cell // 6], fill=0)
+        x = left + c * cell
+        draw.text((x + 2, 1), key.replace("learned:", "L:")[: cell // 6], fill=0)
         for r, image in enumerate(columns[key]):
             pixels = ((image[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-            canvas.paste(Image.fromarray(pixels).resize((cell, cell), Image.NEAREST), (c * cell, head + r * cell))
+            canvas.paste(Image.fromarray(pixels).resize((cell, cell), Image.NEAREST), (x, head + r * cell))
     canvas.save(path)
     return keys
 

@@ -46,15 +46,22 @@ def read_idx_labels(path: str) -> np.ndarray:
 
 
 def fmnist_labelled(folder: str, split: str = "train", limit: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST images (n, 1, 32, 32) in [-1, 1] (padded with −1) and labels (n,); `limit` > 0 keeps the first."""
-    from diffusers_fewstep.evaluation import fmnist_images
+    """Fashion-MNIST images (n, 1, 32, 32) in [-1, 1] (padded with −1, as `diffusers_fewstep.evaluation.fmnist_images`)
+    and labels (n,); `limit` > 0 keeps the first `limit`."""
+    import torch.nn.functional as F
+    from diffusers_fewstep.data import read_idx_images
 
-    images = fmnist_images(folder, split)
     prefix = "t10k" if split == "test" else "train"
+    path = os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; install dataset-fashion-mnist (Debian) or pass --data")
+    raw = read_idx_images(path)
     labels = torch.from_numpy(read_idx_labels(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz")))
-    if len(labels) != len(images):
-        raise ValueError(f"{folder}: {len(images)} images but {len(labels)} labels")
-    return (images[:limit], labels[:limit]) if limit > 0 else (images, labels)
+    if len(labels) != len(raw):
+        raise ValueError(f"{folder}: {len(raw)} images but {len(labels)} labels")
+    raw, labels = (raw[:limit], labels[:limit]) if limit > 0 else (raw, labels)
+    images = torch.from_numpy(raw.copy()).float().div(127.5).sub(1.0).unsqueeze(1)
+    return F.pad(images, (2, 2, 2, 2), value=-1.0), labels
 
 
 def to_rgb(grey: torch.Tensor) -> torch.Tensor:
