@@ -44,7 +44,7 @@ def fake_learned_folder(pipeline_dir, out, steps=(2, 3)):
 
 def check_results(result, rows, nfes):
     assert set(result) >= {"pipeline", "pipeline_class", "kind", "n", "guidance", "nfes", "reference", "rows", "grid",
-                           "fd_reference", "device", "wall_seconds"}
+                           "fd_reference", "classifier_test_accuracy", "device", "wall_seconds"}
     assert 0 <= result["reference"]["accuracy"] <= 1 and math.isfinite(result["reference"]["fd"])
     assert set(result["rows"]) == set(rows)
     for key, row in result["rows"].items():

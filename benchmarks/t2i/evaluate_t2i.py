@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from t2i_common import CLASS_NAMES, eval_prompts, load_pipeline, pick_device, to_classifier_space  # noqa: E402
+from t2i_common import (CLASS_NAMES, eval_prompts, fmnist_labelled, load_pipeline, pick_device,  # noqa: E402
+                        to_classifier_space)
 
 # row key -> (diffusers class, config overrides, label)
 SD_PEERS = {
@@ -114,23 +115,27 @@ class Scorer:
     """Class accuracy and FD-FMNIST with the fixture classifier, fidelity against the reference images."""
 
     def __init__(self, classifier: str, data: str, labels: torch.Tensor, device, fd_ref_limit: int = 0):
-        from diffusers_fewstep.evaluation import extract_features, feature_statistics, fmnist_images, load_fmnist_classifier
+        from diffusers_fewstep.evaluation import extract_features, feature_statistics, load_fmnist_classifier
 
         self.net = load_fmnist_classifier(classifier, device)
         self.device, self.labels = device, labels
-        test = fmnist_images(data, "test")
-        test = test[:fd_ref_limit] if fd_ref_limit > 0 else test
+        test, test_labels = fmnist_labelled(data, "test", fd_ref_limit)
         self.fd_reference = f"Fashion-MNIST test ({len(test)} images)"
-        self.test_stats = feature_statistics(extract_features(self.net, test.to(device)))
+        feats = extract_features(self.net, test.to(device))
+        self.test_stats = feature_statistics(feats)
+        self.test_accuracy = self.accuracy(feats, test_labels)  # the classifier on real images, for scale
         self.reference: Optional[torch.Tensor] = None
+
+    def accuracy(self, feats: np.ndarray, labels: torch.Tensor) -> float:
+        logits = self.net.head(torch.from_numpy(feats).float().to(self.device))
+        return float((logits.argmax(1).cpu() == labels).float().mean())
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> Dict[str, float]:
         from diffusers_fewstep.evaluation import endpoint_rmse, extract_features, feature_statistics, frechet_distance
 
         feats = extract_features(self.net, images.to(self.device))
-        logits = self.net.head(torch.from_numpy(feats).float().to(self.device))
-        scores = {"accuracy": float((logits.argmax(1).cpu() == self.labels).float().mean()),
+        scores = {"accuracy": self.accuracy(feats, self.labels),
                   "fd": frechet_distance(feature_statistics(feats), self.test_stats)}
         if self.reference is not None:
             scores["rmse"] = endpoint_rmse(images.cpu(), self.reference)
@@ -190,7 +195,8 @@ def markdown(result: dict) -> str:
     ref = result["reference"]
     lines = [f"# Few-step schedulers on `{result['pipeline']}` ({result['pipeline_class']})", "",
              f"{result['n']} samples, prompts cycling over the 10 classes, guidance {result['guidance']}, "
-             f"latent seed {result['seed']}, {result['device']}. FD against {result['fd_reference']}.", "",
+             f"latent seed {result['seed']}, {result['device']}. FD against {result['fd_reference']}; the classifier "
+             f"labels {result['classifier_test_accuracy']:.3f} of those real images correctly.", "",
              f"Reference: {ref['label']}: class accuracy {ref['accuracy']:.3f}, FD {ref['fd']:.2f} "
              f"({ref['seconds']:.1f}s).", ""]
     nfes = result["nfes"]
@@ -251,6 +257,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.command = "python benchmarks/t2i/evaluate_t2i.py " + " ".join(sys.argv[1:] if argv is None else argv)
     dev, t_start = pick_device(args.device), time.time()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     pipe = load_pipeline(args.pipeline, dev)
@@ -279,11 +286,12 @@ def write_outputs(args, pipe, dev, ref, results, grid, scorer, seconds) -> None:
     result = {"pipeline": args.pipeline, "pipeline_class": type(pipe).__name__, "kind": pipeline_kind(pipe),
               "n": args.n, "guidance": args.guidance, "seed": args.seed, "nfes": args.nfes,
               "prompt_template": eval_prompts(1)[0][0].replace(CLASS_NAMES[0], "{class}"),
-              "fd_reference": scorer.fd_reference, "reference": ref, "rows": results,
+              "fd_reference": scorer.fd_reference, "classifier_test_accuracy": scorer.test_accuracy,
+              "reference": ref, "rows": results,
               "grid": {"png": "grid.png", "nfe": args.grid_nfe, "columns": columns, "rows": CLASS_NAMES},
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
-              "command": "python benchmarks/t2i/evaluate_t2i.py " + " ".join(sys.argv[1:]),
+              "command": args.command,
               "wall_seconds": round(seconds, 1)}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))

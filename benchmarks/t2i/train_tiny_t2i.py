@@ -139,6 +139,14 @@ def random_batch(images: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def check_finite(loss: torch.Tensor, step: int) -> float:
+    """The loss as a float; stops the run on NaN/inf instead of saving a broken pipeline."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite loss {value} at step {step}; lower --lr / --vae-lr")
+    return value
+
+
 def warmup_cosine(base: float, step: int, frac: float, warmup: int = 200) -> float:
     """Linear warm-up over `warmup` steps, then cosine over the time budget down to a tenth."""
     return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
@@ -163,6 +171,8 @@ def train_vae(vae, images, seconds: float, args, dev):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        if step % 50 == 0:
+            check_finite(loss, step)
         if time.time() - last > 10 or step == 0:
             last = time.time()
             log(f"vae step {step} mse {mse.item():.5f} kl/elem {kl.item():.3f} elapsed {last - t0:.0f}s")
@@ -312,12 +322,14 @@ def train_denoiser(kind, model, latents, labels, embeds, norm, seconds, args, de
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(p, 1 - decay)
-        losses.append(loss.item() if step % 50 == 0 else None)
+        if step % 50 == 0:
+            losses.append(check_finite(loss, step))
         if time.time() - last > 10 or step == 0:
             last = time.time()
-            log(f"{kind} step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} elapsed {last - t0:.0f}s")
+            log(f"{kind} step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{step / max(last - t0, 1e-9):.1f} it/s elapsed {last - t0:.0f}s")
         step += 1
-    recent = [v for v in losses[-40:] if v is not None]
+    recent = losses[-20:]
     log(f"{kind} trained {step} steps in {time.time() - t0:.0f}s, recent loss {sum(recent) / max(len(recent), 1):.4f}")
     return ema, step
 
@@ -407,7 +419,7 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=300, help="wall budget of both training phases")
     p.add_argument("--vae-seconds", type=float, default=None, help="VAE share (default min(60, seconds/5))")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--batch", type=int, default=None, help="denoiser batch (default: sd 512, sd3 256)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--vae-batch", type=int, default=256)
@@ -419,6 +431,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny networks, 256 images, batch 16")
     p.add_argument("--device", default="")
     args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = 512 if args.kind == "sd" else 256
     if args.tiny:
         args.max_images = args.max_images or 256
         args.batch, args.vae_batch = min(args.batch, 16), min(args.vae_batch, 16)
@@ -427,10 +441,41 @@ def parse_args(argv=None):
     return args
 
 
+def autoencoder_phase(args, s: Sizes, images, test_images, dev):
+    """Train the VAE, round it to its saved fp16 weights, encode the data set, set the latent normalisation."""
+    vae, steps = train_vae(build_vae(args.kind, s).to(dev), images, args.vae_seconds, args, dev)
+    round_to_fp16(vae)
+    recon = vae_recon_rmse(vae, test_images.to(dev))
+    means, stds = encode_dataset(vae, images)
+    norm = latent_normalisation(args.kind, means, stds)
+    vae.register_to_config(**norm)
+    log(f"vae test recon RMSE {recon:.4f}; latents {tuple(means.shape[1:])}, {norm}")
+    return vae, (means, stds), {"vae_steps": steps, "vae_test_recon_rmse": recon, "latent_normalisation": norm}
+
+
+def denoiser_phase(args, s: Sizes, pipe, latents, labels, norm, seconds, dev) -> int:
+    """Train the pipeline's denoiser on the latents (text side frozen); the EMA weights replace it."""
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            round_to_fp16(getattr(pipe, name))
+    model = pipe.unet if args.kind == "sd" else pipe.transformer
+    log(f"denoiser {type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+        f"{seconds:.0f}s")
+    embeds = caption_embeddings(args.kind, pipe, dev)
+    ema, steps = train_denoiser(args.kind, model, latents, labels.repeat(2), embeds, norm, seconds, args, dev)
+    pipe.register_modules(**({"unet": ema} if args.kind == "sd" else {"transformer": ema}))
+    return steps
+
+
 def main(argv=None):
+    import shutil
+    import tempfile
+
     args = parse_args(argv)
+    args.command = "python benchmarks/t2i/train_tiny_t2i.py " + " ".join(sys.argv[1:] if argv is None else argv)
     dev = pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
     s, t_start = (TINY if args.tiny else Sizes()), time.time()
     images, labels = fmnist_labelled(args.data, "train", args.max_images)
@@ -438,45 +483,31 @@ def main(argv=None):
     images, labels = images.to(dev), labels.to(dev)
     log(f"{args.kind}: {len(images)} training images on {dev}, budget {args.seconds:.0f}s (VAE {args.vae_seconds:.0f}s)")
 
-    vae, vae_steps = train_vae(build_vae(args.kind, s).to(dev), images, args.vae_seconds, args, dev)
-    round_to_fp16(vae)
-    recon = vae_recon_rmse(vae, test_images.to(dev))
-    means, stds = encode_dataset(vae, images)
-    norm = latent_normalisation(args.kind, means, stds)
-    vae.register_to_config(**norm)
-    log(f"vae test recon RMSE {recon:.4f}; latents {tuple(means.shape[1:])}, {norm}")
-
-    tokenizer_dir = os.path.join(args.out, ".tokenizer-build")
-    pipe = build_pipeline(args.kind, s, vae, tokenizer_dir, args.seed)
-    pipe.to(dev)
-    for name in ("text_encoder", "text_encoder_2"):
-        if getattr(pipe, name, None) is not None:
-            round_to_fp16(getattr(pipe, name))
-    model = pipe.unet if args.kind == "sd" else pipe.transformer
-    log(f"denoiser {type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
-    embeds = caption_embeddings(args.kind, pipe, dev)
-    remaining = max(args.seconds - (time.time() - t_start), 1.0)
-    ema, steps = train_denoiser(args.kind, model, (means, stds), labels.repeat(2), embeds, norm, remaining, args, dev)
-    pipe.register_modules(**({"unet": ema} if args.kind == "sd" else {"transformer": ema}))
-
-    sizes = save_pipeline(pipe, args.out, tokenizer_dir)
-    look = first_look(args.out, dev, 2 if args.tiny else args.look_steps, 2 if args.tiny else 8, args.classifier)
-    write_recipe(args, s, {"vae_steps": vae_steps, "vae_test_recon_rmse": recon, "latent_normalisation": norm,
-                           "denoiser_steps": steps, "wall_seconds": round(time.time() - t_start, 1),
-                           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                           "files": sizes, "first_look": look,
-                           "params": {k: sum(p.numel() for p in m.parameters()) for k, m in pipe.components.items()
-                                      if isinstance(m, torch.nn.Module)}})
-    import shutil
-    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    vae, latents, results = autoencoder_phase(args, s, images, test_images, dev)
+    tokenizer_dir = tempfile.mkdtemp(prefix="t2i-tokenizer-")
+    try:
+        pipe = build_pipeline(args.kind, s, vae, tokenizer_dir, args.seed).to(dev)
+        remaining = max(args.seconds - (time.time() - t_start), 1.0)
+        results["denoiser_steps"] = denoiser_phase(args, s, pipe, latents, labels, results["latent_normalisation"],
+                                                   remaining, dev)
+        results["files"] = save_pipeline(pipe, args.out, tokenizer_dir)
+    finally:
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    results["params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in pipe.components.items()
+                         if isinstance(m, torch.nn.Module)}
+    results["wall_seconds_training"] = round(time.time() - t_start, 1)
+    results["first_look"] = first_look(args.out, dev, 2 if args.tiny else args.look_steps, 2 if args.tiny else 8,
+                                       args.classifier)
+    results["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    write_recipe(args, s, results)
 
 
 def write_recipe(args, s: Sizes, results: dict) -> None:
     import diffusers
     import transformers
 
-    recipe = {"command": "python benchmarks/t2i/train_tiny_t2i.py " + " ".join(sys.argv[1:]),
-              "kind": args.kind, "args": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
+    recipe = {"command": args.command, "kind": args.kind,
+              "args": {k: v for k, v in vars(args).items() if k not in ("data", "out", "command")},
               "sizes": asdict(s), "dataset": "Fashion-MNIST train, zero-padded to 32x32, [-1,1], RGB copies, random h-flip",
               "captions": {"classes": CLASS_NAMES, "templates": TEMPLATES, "dropout": CAPTION_DROPOUT},
               "text_encoders": "random-init, frozen", "versions": {"torch": torch.__version__,
