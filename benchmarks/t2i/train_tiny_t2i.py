@@ -427,7 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--kl-weight", type=float, default=1e-5, help="KL per latent element, against MSE per pixel")
     p.add_argument("--max-images", type=int, default=0, help="use the first N training images (0: all 60k)")
     p.add_argument("--classifier", default="", help="fmnist-classifier folder: class accuracy of the first look")
-    p.add_argument("--look-steps", type=int, default=50)
+    p.add_argument("--look-steps", type=int, default=None, help="steps of the first look (default 50; --tiny: 2)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny networks, 256 images, batch 16")
     p.add_argument("--device", default="")
     args = p.parse_args(argv)
@@ -436,6 +436,8 @@ def parse_args(argv=None):
     if args.tiny:
         args.max_images = args.max_images or 256
         args.batch, args.vae_batch = min(args.batch, 16), min(args.vae_batch, 16)
+    if args.look_steps is None:
+        args.look_steps = 2 if args.tiny else 50
     if args.vae_seconds is None:
         args.vae_seconds = min(60.0, args.seconds / 5)
     return args
@@ -496,7 +498,7 @@ def main(argv=None):
     results["params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in pipe.components.items()
                          if isinstance(m, torch.nn.Module)}
     results["wall_seconds_training"] = round(time.time() - t_start, 1)
-    results["first_look"] = first_look(args.out, dev, 2 if args.tiny else args.look_steps, 2 if args.tiny else 8,
+    results["first_look"] = first_look(args.out, dev, args.look_steps, 2 if args.tiny else 8,
                                        args.classifier)
     results["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     write_recipe(args, s, results)
