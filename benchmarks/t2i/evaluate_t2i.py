@@ -176,13 +176,22 @@ def all_rows(pipe, args) -> dict:
             continue
         rows[key] = (build_scheduler(cls, base, overrides), label, None, {"config_overrides": overrides})
     for folder in args.scheduler_folder:
-        scheduler = load_learned(folder)
-        if hasattr(scheduler, "check_compatible"):
-            scheduler.check_compatible(base)
         name = os.path.basename(os.path.normpath(folder))
-        rows[f"learned:{name}"] = (scheduler, f"learned {name} ({scheduler.config.solver})",
-                                   set(int(k) for k in scheduler.config.sigma_tables), {"folder": folder})
+        rows[f"learned:{name}"] = learned_row(folder, name, base)
     return rows
+
+
+def learned_row(folder: str, name: str, base_config) -> tuple:
+    """(scheduler, label, its NFEs, info) for a learned schedule folder, checked against the pipeline's schedule."""
+    scheduler = load_learned(folder)
+    if hasattr(scheduler, "check_compatible"):
+        scheduler.check_compatible(base_config)
+    nfes = sorted(int(k) for k in scheduler.config.sigma_tables)
+    # newer versions may learn a different solver per step count (`solver_for`)
+    solvers = {str(n): scheduler.solver_for(n) if hasattr(scheduler, "solver_for") else scheduler.config.solver
+               for n in nfes}
+    label = f"learned {name} ({'/'.join(sorted(set(solvers.values())) or [scheduler.config.solver])})"
+    return scheduler, label, set(nfes), {"folder": folder, "solvers": solvers}
 
 
 # --- reports -----------------------------------------------------------------------------------------------------
