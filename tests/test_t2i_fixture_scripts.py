@@ -1,0 +1,148 @@
+"""benchmarks/t2i: the tiny text-to-image fixture trainer and the few-step evaluation, end to end on CPU (--tiny)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T2I = os.path.join(ROOT, "benchmarks", "t2i")
+sys.path.insert(0, T2I)
+
+DATA = os.environ.get("FMNIST_DATA", "/usr/share/datasets/fashion-mnist")
+CLASSIFIER = next((p for p in [os.environ.get("FMNIST_CLASSIFIER", ""),
+                               os.path.join(ROOT, "..", "shared", "fixtures", "fmnist-classifier"),
+                               "/work/shared/fixtures/fmnist-classifier",
+                               os.path.join(ROOT, ".stage", "fixtures", "fmnist-classifier")]
+                   if p and os.path.isfile(os.path.join(p, "arch.py"))), None)
+needs_data = pytest.mark.skipif(not os.path.isfile(os.path.join(DATA, "train-labels-idx1-ubyte.gz")),
+                                reason="needs the dataset-fashion-mnist Debian package (or $FMNIST_DATA)")
+needs_classifier = pytest.mark.skipif(CLASSIFIER is None, reason="needs the fmnist-classifier fixture ($FMNIST_CLASSIFIER)")
+
+
+def train(kind, out, seconds=2):
+    import train_tiny_t2i
+
+    train_tiny_t2i.main(["--kind", kind, "--data", DATA, "--out", str(out), "--seconds", str(seconds), "--tiny",
+                         "--device", "cpu"])
+    return str(out)
+
+
+def fake_learned_folder(pipeline_dir, out, steps=(2, 3)):
+    """A LearnedScheduleScheduler folder with (untrained) tables for this pipeline's noise schedule."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_models import learned_scheduler
+
+    with open(os.path.join(pipeline_dir, "scheduler", "scheduler_config.json")) as f:
+        config = json.load(f)
+    learned_scheduler(config, steps=steps).save_pretrained(os.path.join(out, "scheduler"))
+    return str(out)
+
+
+def check_results(result, rows, nfes):
+    assert set(result) >= {"pipeline", "pipeline_class", "kind", "n", "guidance", "nfes", "reference", "rows", "grid",
+                           "fd_reference", "classifier_test_accuracy", "device", "wall_seconds"}
+    assert 0 <= result["reference"]["accuracy"] <= 1 and math.isfinite(result["reference"]["fd"])
+    assert set(result["rows"]) == set(rows)
+    for key, row in result["rows"].items():
+        for nfe, scores in row["results"].items():
+            assert int(nfe) in nfes
+            assert 0 <= scores["accuracy"] <= 1 and math.isfinite(scores["fd"]) and scores["fd"] >= -1e-6
+            assert 0 <= scores["rmse"] < 2
+
+
+def test_captions_and_tokenizer(tmp_path):
+    from t2i_common import CLASS_NAMES, caption, caption_table, eval_prompts
+    from train_tiny_t2i import build_tokenizer
+
+    assert caption(7) == "a photo of a sneaker" and caption(9) == "a photo of an ankle boot"
+    table = caption_table()
+    assert len(table) == 10 * 6 + 1 and table[-1] == ""
+    prompts, labels = eval_prompts(23)
+    assert prompts[12] == caption(2) and labels.tolist()[:11] == list(range(10)) + [0]
+    tok = build_tokenizer(str(tmp_path))
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(tmp_path))
+    ids = tok("a photo of an ankle boot", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert len(ids) == 16 and ids[0] == tok.bos_token_id
+    assert tok.convert_ids_to_tokens(ids[1:7]) == ["a</w>", "photo</w>", "of</w>", "an</w>", "ankle</w>", "boot</w>"]
+    assert ids[7] == tok.eos_token_id
+    assert tok.unk_token_id not in tok("a zebra 42").input_ids[1:-1]  # unseen words still tokenize (bytes)
+    assert all(len(tok(c).input_ids) <= 5 for c in CLASS_NAMES)  # "t-shirt": t, -, shirt
+
+
+@needs_data
+@needs_classifier
+def test_sd_tiny_trains_loads_and_evaluates(tmp_path):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    folder = train("sd", tmp_path / "sd")
+    recipe = json.load(open(os.path.join(folder, "training.json")))
+    assert recipe["kind"] == "sd" and recipe["denoiser_steps"] > 0 and recipe["files"]["total_mb"] < 12
+    assert os.path.isfile(os.path.join(folder, "samples.png"))
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(folder, "tokenizer")))
+    config = json.load(open(os.path.join(folder, "scheduler", "scheduler_config.json")))
+    assert config["_class_name"] == "PNDMScheduler" and config["clip_sample"] is False
+    assert config["skip_prk_steps"] and config["steps_offset"] == 1 and config["set_alpha_to_one"] is False
+    assert config["beta_schedule"] == "scaled_linear" and config["prediction_type"] == "epsilon"
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert isinstance(pipe.scheduler, PNDMScheduler) and pipe.safety_checker is None
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == pipe.vae.dtype == torch.float32
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a photo of a bag", num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+
+    import evaluate_t2i
+
+    learned = fake_learned_folder(folder, tmp_path / "learned-sd")
+    out = tmp_path / "eval-sd"
+    evaluate_t2i.main(["--pipeline", folder, "--classifier", CLASSIFIER, "--data", DATA, "--n", "20",
+                       "--batch", "10", "--out", str(out), "--nfes", "2", "4", "--rows", "ddim_trailing",
+                       "--reference-steps", "5", "--fd-ref-limit", "200", "--scheduler-folder", learned,
+                       "--device", "cpu"])
+    result = json.load(open(out / "results.json"))
+    check_results(result, {"ddim_trailing", "learned:learned-sd"}, {2, 4})
+    assert result["kind"] == "sd" and result["n"] == 20 and result["reference"]["steps"] == 5
+    assert result["rows"]["learned:learned-sd"]["missing_nfes"] == [4]
+    assert {"results.md", "grid.png"} <= set(os.listdir(out))
+    assert "| DDIM trailing |" in open(out / "results.md").read()
+
+
+@pytest.mark.slow
+@needs_data
+@needs_classifier
+def test_sd3_tiny_cli_trains_loads_and_evaluates(tmp_path):
+    """The command lines the GPU runs, at tiny settings: SD3 with every stock row."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")])}
+    folder = str(tmp_path / "sd3")
+    subprocess.run([sys.executable, os.path.join(T2I, "train_tiny_t2i.py"), "--kind", "sd3", "--data", DATA,
+                    "--out", folder, "--seconds", "4", "--tiny", "--classifier", CLASSIFIER], check=True, env=env)
+    recipe = json.load(open(os.path.join(folder, "training.json")))
+    norm = recipe["latent_normalisation"]
+    assert set(norm) == {"shift_factor", "scaling_factor"} and 0 <= recipe["first_look"]["class_accuracy"] <= 1
+    vae_config = json.load(open(os.path.join(folder, "vae", "config.json")))
+    assert vae_config["scaling_factor"] == pytest.approx(norm["scaling_factor"])
+    assert vae_config["shift_factor"] == pytest.approx(norm["shift_factor"])
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
+                                                    local_files_only=True)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a photo of a bag", "a sneaker"], num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 3, 32, 32)
+
+    out = tmp_path / "eval-sd3"
+    subprocess.run([sys.executable, os.path.join(T2I, "evaluate_t2i.py"), "--pipeline", folder, "--classifier",
+                    CLASSIFIER, "--data", DATA, "--n", "20", "--batch", "20", "--out", str(out),
+                    "--fd-ref-limit", "200", "--scheduler-folder", fake_learned_folder(folder, tmp_path / "l3")],
+                   check=True, env=env)
+    result = json.load(open(out / "results.json"))
+    check_results(result, {"flow_euler", "dpmpp_2m_flow", "unipc_flow", "learned:l3"}, {2, 3, 4, 6, 8})
+    assert result["kind"] == "sd3" and result["reference"]["steps"] == 50
+    assert len(result["rows"]["unipc_flow"]["results"]) == 5
