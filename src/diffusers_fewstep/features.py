@@ -108,11 +108,17 @@ def pooled_features(features: ModelFeatures, x: torch.Tensor, noise: torch.Tenso
 
 def frechet_distance(feats: torch.Tensor, ref_feats: torch.Tensor) -> float:
     """Fréchet distance between Gaussian fits of two feature sets (rows are samples), each dimension scaled
-    by the reference's standard deviation so that no layer dominates. Uses
+    by the reference's standard deviation so that no layer dominates, in the span of the reference's top
+    n/4 principal components (a covariance of d dimensions needs many more than d samples). Uses
     tr((Σ_a Σ_b)^½) = Σ √λ(Σ_b^½ Σ_a Σ_b^½), in float64."""
     a, b = feats.double(), ref_feats.double()
     scale = b.std(0).clamp(min=1e-6)
     a, b = a / scale, b / scale
+    k = min(a.shape[1], max(2, len(b) // 4))
+    if k < a.shape[1]:
+        _, vecs = torch.linalg.eigh(torch.cov(b.T))
+        basis = vecs[:, -k:]
+        a, b = a @ basis, b @ basis
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     vals, vecs = torch.linalg.eigh(cov_b)
