@@ -271,6 +271,19 @@ def test_hierarchy_subdivides_and_keeps_the_first_stage_points():
         ays.ays_hierarchy(cost, [0, 2, 399])
 
 
+@pytest.mark.parametrize("config", [DDPM_CONFIG, {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                  "num_train_timesteps": 1000, "shift": 3.0}])
+def test_ays_start_is_uniform_in_the_models_timestep(config):
+    schedule = NoiseSchedule(config)
+    start = ays.ays_start(schedule)
+    assert len(start) == 11 and float(start[0]) == pytest.approx(schedule.sigma_max, rel=1e-6)
+    assert float(start[-1]) == pytest.approx(schedule.sigma_min, rel=1e-6)
+    steps = schedule.sigma_to_t(start)[:-1] - schedule.sigma_to_t(start)[1:]
+    assert float(steps.max() - steps.min()) < 1e-6 * float(steps.mean())
+    assert ays.ays_start(schedule, "karras").tolist() == pytest.approx(
+        karras_sigmas(11, schedule.sigma_min, schedule.sigma_max, final_zero=False).tolist())
+
+
 SD_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "prediction_type": "epsilon"}
 

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 
 from .evaluation import autocast_context, endpoint_rmse, generate, noise_bank, reference_samples
-from .schedules import interpolate_sigmas, karras_sigmas, loguniform_sigmas, time_uniform_sigmas
+from .schedules import interpolate_sigmas, karras_sigmas, loguniform_sigmas
 
 BASE_STEPS, SUBDIVISIONS, CANDIDATES = 10, 2, 11  # the paper's 10 → 20 → 40 steps, 11 candidates per point
 RELEASED = {"StableDiffusion": "StableDiffusionSigmas", "StableDiffusionXL": "StableDiffusionXLSigmas"}
@@ -170,8 +170,9 @@ def snap_to_grid(sigmas: Sequence[float], grid: torch.Tensor) -> List[int]:
 # --- 4. the whole procedure on a model -------------------------------------------------------------------------------
 def ays_start(schedule, init: str = "time_uniform", steps: int = BASE_STEPS) -> torch.Tensor:
     """The paper's hand-made start, σ_max … σ_min: time-uniform for discrete-time models, EDM (ρ = 7) otherwise."""
-    if init == "time_uniform":
-        return time_uniform_sigmas(steps + 1, schedule, "linspace", final_zero=False)
+    if init == "time_uniform":  # uniform in the model's continuous timestep, t(σ_max) → t(σ_min)
+        ends = schedule.sigma_to_t(torch.tensor([schedule.sigma_max, schedule.sigma_min], dtype=torch.float64))
+        return schedule.t_to_sigma(torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64))
     if init == "karras":
         return karras_sigmas(steps + 1, schedule.sigma_min, schedule.sigma_max, final_zero=False)
     raise ValueError(f"unknown AYS start {init!r}; expected 'time_uniform' (discrete-time) or 'karras' (EDM)")

@@ -134,27 +134,23 @@ def gits_cost_matrix(states: torch.Tensor, denoised: torch.Tensor, sigmas: torch
     return cost
 
 
-def gits_grid(schedule, points: int = 61, grid: str = "karras", rho: float = 7.0) -> torch.Tensor:
-    """The teacher's grid, σ_max → σ_min with no 0: polynomial (EDM, ρ = 7; the authors' pixel-model setting)
-    or time-uniform (their setting for discrete-time latent models)."""
-    if grid == "karras":
-        return karras_sigmas(points, schedule.sigma_min, schedule.sigma_max, rho, final_zero=False)
-    if grid == "time_uniform":
-        return time_uniform_sigmas(points, schedule, "linspace", final_zero=False)
-    raise ValueError(f"unknown GITS grid {grid!r}; expected 'karras' or 'time_uniform'")
+def gits_grid(schedule, points: int = 61, rho: float = 7.0) -> torch.Tensor:
+    """The teacher's grid: `points` σ's from σ_max to σ_min (no 0), polynomial with ρ = 7 as the authors'
+    pixel-model setting (EDM's schedule)."""
+    return karras_sigmas(points, schedule.sigma_min, schedule.sigma_max, rho, final_zero=False)
 
 
 def gits_sigmas(denoiser, nfes: Iterable[int], num_samples: int = 256, grid_steps: int = 60, seed: int = 0,
-                device="cpu", batch_size: int = 2500, metric: str = "dev", coeff: float = 1.15,
-                grid: str = "karras") -> Dict[int, List[float]]:
+                device="cpu", batch_size: int = 2500, metric: str = "dev",
+                coeff: float = 1.15) -> Dict[int, List[float]]:
     """GITS tables: {nfe: [σ_max, …, σ_min]} (sampled to σ_min; no final 0).
 
     Args:
         num_samples (`int`): warm-up trajectories (noise seed `seed`, independent of evaluation).
         grid_steps (`int`): teacher steps (61 grid points for 60).
-        metric, coeff, grid: the authors' defaults ('dev', 1.15, polynomial ρ = 7).
+        metric, coeff: the authors' defaults ('dev', 1.15).
     """
-    sigmas = gits_grid(denoiser.schedule, grid_steps + 1, grid).float().to(device)
+    sigmas = gits_grid(denoiser.schedule, grid_steps + 1).float().to(device)
     noise = noise_bank(num_samples, _sample_shape(denoiser), seed=seed, device=device)
     states, denoised = teacher_trajectories(denoiser, noise, sigmas, batch_size)
     cost = gits_cost_matrix(states, denoised, sigmas, metric)
