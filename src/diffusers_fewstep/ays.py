@@ -27,7 +27,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .evaluation import autocast_context, endpoint_rmse, generate, noise_bank, reference_samples
+from .evaluation import endpoint_rmse, generate, noise_bank, reference_samples
+from .reference import autocast_context
 from .schedules import interpolate_sigmas, karras_sigmas, loguniform_sigmas
 
 BASE_STEPS, SUBDIVISIONS, CANDIDATES = 10, 2, 11  # the paper's 10 → 20 → 40 steps, 11 candidates per point
