@@ -3,6 +3,7 @@
 #   bash benchmarks/phase1_gpu.sh train fixture     # train the small v-prediction and flow models; Phase 1 on the fixture
 #   bash benchmarks/phase1_gpu.sh vpred flow        # Phase 1 on those models (kept in .gpu_work/ or carried in .stage/models)
 #   bash benchmarks/phase1_gpu.sh t2i-sd t2i-sd3    # train and score the tiny text-to-image fixtures (benchmarks/t2i)
+#   bash benchmarks/phase1_gpu.sh bench-fixture diag-fixture   # benchmark / diagnostics of a run carried in .stage/runs
 # A model stage runs, with default settings:
 #   diffusers-fewstep optimize --model M --nfe 3 4 5 6 8 10 --output-dir RUN
 #   diffusers-fewstep benchmark --model M --learned RUN --n 5000   (every diffusers scheduler of the family, same noises)
@@ -83,8 +84,28 @@ t2i() {  # train one tiny text-to-image fixture (benchmarks/t2i) and score the s
   tar czf "$OUT/t2i-$kind.tar.gz" -C "$dir" "fmnist-t2i-$kind" "eval-$kind" -C "$PWD/$W/logs" "t2i-train-$kind.log" "t2i-eval-$kind.log"
 }
 
+bench() {  # benchmark only, on a run carried in .stage/runs/<name> (EXTRA_ROWS: e.g. the GITS/AYS rows)
+  local name=$1 model rows
+  model=$(model_path "$name")
+  rows=$VP_ROWS; [ "$name" = flow ] && rows=$FLOW_ROWS
+  $CLI benchmark --model "$model" --learned ".stage/runs/$name" --n "${N:-5000}" --nfes $NFES --rows $rows sigma_ddim_trailing \
+    ${EXTRA_ROWS:-} --classifier .stage/fmnist-classifier --data .stage/fashion-mnist \
+    --out-dir "$W/bench/${W_BENCH:-$name}" > "$W/logs/benchmark-${W_BENCH:-$name}.log" 2>&1
+  stamp "benchmark ${W_BENCH:-$name} done: rc $?"; tail -9 "$W/bench/${W_BENCH:-$name}/results.md"
+  pack "${W_BENCH:-$name}" "bench-${W_BENCH:-$name}"
+}
+
+diag() {  # diagnostics only, on a run carried in .stage/runs/<name>
+  local name=$1
+  python3 benchmarks/phase1_diagnostics.py --model "$(model_path "$name")" --run ".stage/runs/$name" \
+    --classifier .stage/fmnist-classifier --data .stage/fashion-mnist --n "${DIAG_N:-2000}" --out "$W/diag/$name.json" \
+    > "$W/logs/diag-$name.log" 2>&1
+  stamp "diagnostics $name done: rc $?"; cat "$W/logs/diag-$name.log"
+  pack "$name" "diag-$name"
+}
+
 pack() {  # this stage's runs, benchmark, diagnostics and logs, as far as they got
-  tar czf "$OUT/phase1-$1.tar.gz" -C "$W" $(cd "$W" && ls -d runs/$1 bench/$1 diag/$1.json 2>/dev/null) logs
+  tar czf "$OUT/phase1-${2:-$1}.tar.gz" -C "$W" $(cd "$W" && ls -d runs/$1 bench/$1 diag/$1.json 2>/dev/null) logs
 }
 
 case " $* " in *" train "*|*" t2i-"*) train_data ;; esac
@@ -95,6 +116,11 @@ for stage in "$@"; do
       train_model flow --pred flow --shift 3.0 &
       ;;
     t2i-sd|t2i-sd3) t2i "${stage#t2i-}" & ;;
+    bench-*) bench "${stage#bench-}" & ;;
+    peers-fixture)  # the re-implemented optimisers beside two diffusers rows, in their own process
+      (VP_ROWS="ddim_trailing unipc_bh2" EXTRA_ROWS="gits_ipndm gits_euler ays_dpmpp_2m ays_euler" W_BENCH=peers \
+        bench fixture) & ;;
+    diag-*) diag "${stage#diag-}" & ;;
     *) phase1 "$stage" & ;;
   esac
 done
@@ -102,7 +128,7 @@ done
 while [ -n "$(jobs -rp)" ] && [ $(( $(date +%s) - T0 )) -lt "${DEADLINE:-560}" ]; do sleep 5; done
 if [ -n "$(jobs -rp)" ]; then
   stamp "deadline: stopping $(jobs -rp | wc -l) stage(s) and packing what they wrote"
-  for stage in "$@"; do case $stage in train|t2i-*) ;; *) pack "$stage" ;; esac; done
+  for stage in "$@"; do case $stage in train|t2i-*) ;; bench-*|diag-*) pack "${stage#*-}" "$stage" ;; *) pack "$stage" ;; esac; done
   kill $(jobs -rp) 2>/dev/null
 fi
 stamp "done"

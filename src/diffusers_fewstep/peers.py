@@ -35,13 +35,14 @@ from .solvers import first_order_step
 # the registry (per model family) and `diffusers_scheduler` live with the stock σ sets in schedules.py
 @torch.no_grad()
 def sample_diffusers(unet, scheduler, noise: torch.Tensor, nfe: int, batch_size: int = 2500) -> torch.Tensor:
-    """Sample with a diffusers scheduler at `nfe` steps from native noise, clamped to [-1, 1]."""
+    """Sample with a diffusers scheduler at `nfe` steps from native noise, clamped to [-1, 1] (the loop of
+    diffusers' pipelines; flow-matching schedulers have neither `init_noise_sigma` nor `scale_model_input`)."""
     out = []
     for start in range(0, len(noise), batch_size):
         scheduler.set_timesteps(nfe, device=noise.device)
-        x = noise[start:start + batch_size] * scheduler.init_noise_sigma
+        x = noise[start:start + batch_size] * getattr(scheduler, "init_noise_sigma", 1.0)
         for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t)
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             with autocast_context(noise.device):
                 eps = unet(x_in, t).sample
             x = scheduler.step(eps.float(), t, x).prev_sample
