@@ -1,11 +1,177 @@
-"""Text-to-image conditioning: nested model kwargs and dynamic shifting (`mu`) in the σ-space adapter."""
+"""Text-to-image conditioning: prompts → encoded kwargs → a guided σ-space denoiser that reproduces the stock
+pipelines (SD, SDXL, SD3) and drives the optimiser; dynamic shifting (`mu`); reading prompt files."""
+import argparse
+import json
+
+import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from diffusers_fewstep import NoiseSchedule, SigmaDenoiser
 from diffusers_fewstep.adapter import SIGMA_MAX_CAP, flatten_kwargs, nest_kwargs
-from tiny_models import tiny_sdxl
+from diffusers_fewstep.conditioning import (add_arguments, encode_text_to_image, load_from_args, load_text_to_image,
+                                            read_prompts)
+from diffusers_fewstep.optimizer import optimize_schedule
+from diffusers_fewstep.pipelines import FewStepSD3Pipeline, FewStepStableDiffusionPipeline
+from diffusers_fewstep.schedules import baseline_sigmas, validate_sigmas
+from diffusers_fewstep.solvers import sample
+from tiny_models import tiny_sd, tiny_sd3, tiny_sdxl
+
+FAMILIES = {"sd": (tiny_sd, StableDiffusionPipeline), "sdxl": (tiny_sdxl, StableDiffusionXLPipeline),
+            "sd3": (tiny_sd3, StableDiffusion3Pipeline)}
+PROMPTS = ["a red shirt", "a pair of boots", "a bag"]
+GUIDANCE = 5.0
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    """(name, stock pipeline, its encoding of PROMPTS with guidance 5 and the negative prompt "blurry")."""
+    build, cls = FAMILIES[request.param]
+    pipe = quiet(cls(**build()))
+    encoded = encode_text_to_image(pipe, PROMPTS, negative_prompt="blurry", guidance_scale=GUIDANCE, batch_size=2)
+    return request.param, pipe, encoded
+
+
+def _first_order_table(pipe, name):
+    """Run settings for the stock pipeline and the same table in σ-space: DDIM trailing for VP (first order,
+    last step to ᾱ = 1), FlowMatchEuler on explicit σ's below 1 for flow (its s = 1 start is σ = ∞)."""
+    if name == "sd3":
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler.set_timesteps(sigmas=[0.95, 0.7, 0.45, 0.2])
+        s = pipe.scheduler.sigmas.double()
+        return {"sigmas": [0.95, 0.7, 0.45, 0.2]}, s / (1 - s)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                               clip_sample=False)
+    pipe.scheduler.set_timesteps(4)
+    acp = pipe.scheduler.alphas_cumprod[pipe.scheduler.timesteps].double()
+    return {"num_inference_steps": 4}, torch.cat([((1 - acp) / acp).sqrt(), acp.new_zeros(1)])
+
+
+def test_guided_denoiser_reproduces_the_pipeline(family):
+    name, pipe, encoded = family
+    run_kwargs, table = _first_order_table(pipe, name)
+    noise = torch.randn(len(PROMPTS), *encoded.sample_shape, generator=torch.Generator().manual_seed(0))
+    reference = pipe(PROMPTS, negative_prompt=["blurry"] * len(PROMPTS), guidance_scale=GUIDANCE, latents=noise.clone(),
+                     output_type="latent", **run_kwargs).images
+    schedule = encoded.denoiser.schedule
+    sigmas = table.float()
+
+    @torch.no_grad()
+    def ours(denoiser, uncond):
+        x = sample(denoiser, noise / schedule.native_scale(sigmas[0]), sigmas, "euler",
+                   extra_args={"cond": encoded.cond, "uncond": uncond})
+        return x * schedule.native_scale(sigmas[-1])
+
+    scale = reference.abs().max()
+    assert float((ours(encoded.denoiser, encoded.uncond) - reference).abs().max() / scale) < 1e-4  # measured ~1e-6
+    unguided = SigmaDenoiser(encoded.denoiser.model, encoded.scheduler_config)
+    assert float((ours(unguided, None) - reference).abs().max() / scale) > 1e-2  # guidance is what made it equal
+
+
+def test_optimize_schedule_learns_a_valid_table(family):
+    name, _, encoded = family
+    result = optimize_schedule(encoded.denoiser, nfes=[3], cond=encoded.cond, uncond=encoded.uncond, num_iters=3,
+                               batch_size=2, pool_size=2, reference_steps=6, sample_shape=encoded.sample_shape,
+                               progress=False, patience=None)
+    schedule = encoded.denoiser.schedule
+    table = validate_sigmas(result.tables[3], schedule.sigma_min, schedule.sigma_max)
+    assert len(table) == 4 and table[0] == pytest.approx(schedule.sigma_max, rel=1e-6) and table[-1] == 0.0
+    assert len(result.history[3]) == 3 and all(np.isfinite(result.history[3]))
+    init = baseline_sigmas("ddim_trailing", 3, schedule).tolist()
+    assert max(abs(a - b) / b for a, b in zip(table[1:-1], init[1:-1])) > 1e-4  # the table moved
+
+
+def test_negative_prompt_changes_only_the_uncond_rows(family):
+    name, pipe, encoded = family
+    plain = encode_text_to_image(pipe, PROMPTS, guidance_scale=GUIDANCE)
+    assert set(plain.cond) == set(plain.uncond) == set(encoded.cond)
+    for key in encoded.cond:
+        torch.testing.assert_close(plain.cond[key], encoded.cond[key], rtol=1e-5, atol=1e-6)
+    changed = [k for k in encoded.uncond if (plain.uncond[k] - encoded.uncond[k]).abs().max() > 1e-3]
+    assert "encoder_hidden_states" in changed
+    if name == "sdxl":  # force_zeros_for_empty_prompt: no negative prompt means zero embeddings
+        assert float(plain.uncond["encoder_hidden_states"].abs().max()) == 0.0
+        assert "added_cond_kwargs.text_embeds" in changed
+    per_prompt = encode_text_to_image(pipe, PROMPTS, negative_prompt=["blurry", "dark", "blurry"],
+                                      guidance_scale=GUIDANCE)
+    rows = (per_prompt.uncond["encoder_hidden_states"] - encoded.uncond["encoder_hidden_states"]).flatten(1).abs().amax(1)
+    assert rows[0] == 0 and rows[2] == 0 and rows[1] > 1e-3
+
+
+def test_rows_and_shapes(family):
+    name, pipe, encoded = family
+    assert encoded.sample_shape == encoded.denoiser.sample_shape == (4, 16, 16)
+    assert (encoded.height, encoded.width) == (32, 32)
+    keys = {"sd": {"encoder_hidden_states"},
+            "sdxl": {"encoder_hidden_states", "added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids"},
+            "sd3": {"encoder_hidden_states", "pooled_projections"}}[name]
+    assert set(encoded.cond) == set(encoded.uncond) == keys
+    assert all(v.shape[0] == len(PROMPTS) for v in [*encoded.cond.values(), *encoded.uncond.values()])
+    # batched encoding (batch_size=2 over 3 prompts) equals encoding each prompt alone
+    alone = encode_text_to_image(pipe, PROMPTS[1:2], negative_prompt="blurry", guidance_scale=GUIDANCE)
+    for key in keys:
+        torch.testing.assert_close(alone.cond[key][0], encoded.cond[key][1], rtol=1e-5, atol=1e-6)
+    if name == "sdxl":  # micro-conditioning: original size = target size = (32, 32), crop (0, 0)
+        assert encoded.cond["added_cond_kwargs.time_ids"][0].tolist() == [32, 32, 0, 0, 32, 32]
+        wide = encode_text_to_image(pipe, PROMPTS[:1], guidance_scale=GUIDANCE, height=32, width=64)
+        assert wide.sample_shape == (4, 16, 32) and wide.cond["added_cond_kwargs.time_ids"][0].tolist() == [32, 64, 0, 0, 32, 64]
+
+
+def test_guidance_defaults_follow_the_pipelines():
+    sd = FewStepStableDiffusionPipeline(**tiny_sd())  # its __call__ takes **kwargs: the stock default applies
+    assert encode_text_to_image(sd, PROMPTS[:1]).guidance_scale == 7.5
+    assert encode_text_to_image(FewStepSD3Pipeline(**tiny_sd3()), PROMPTS[:1]).guidance_scale == 7.0
+    assert encode_text_to_image(StableDiffusionXLPipeline(**tiny_sdxl()), PROMPTS[:1]).guidance_scale == 5.0
+    off = encode_text_to_image(sd, PROMPTS[:1], guidance_scale=1.0)
+    assert off.uncond is None and off.denoiser.guidance_scale == 1.0
+    with pytest.raises(ValueError, match="multiples of 2 .* got 33×32"):  # the tiny VAE downsamples by 2
+        encode_text_to_image(sd, PROMPTS[:1], height=33)
+    with pytest.raises(ValueError, match="2 negative prompts for 1 prompts"):
+        encode_text_to_image(sd, PROMPTS[:1], negative_prompt=["a", "b"])
+    with pytest.raises(ValueError, match="not supported for text-conditional"):
+        encode_text_to_image(object(), PROMPTS)
+
+
+def test_load_from_pretrained_frees_the_text_encoders(tmp_path, monkeypatch):
+    """`load_text_to_image` loads with `DiffusionPipeline.from_pretrained` and drops the text encoders after encoding."""
+    import diffusers
+
+    StableDiffusionXLPipeline(**tiny_sdxl()).save_pretrained(tmp_path)
+    loaded = []
+    original = diffusers.DiffusionPipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(original(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(spy))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path), "--prompts-file", str(tmp_path / "prompts.txt"),
+                              "--guidance-scale", "5", "--negative-prompt", "blurry", "--torch-dtype", "float32"])
+    result = load_from_args(args, device="cpu")
+    pipe = loaded[0]
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None
+    assert result.prompts == PROMPTS and result.denoiser.model is pipe.unet and result.guidance_scale == 5.0
+    expected = encode_text_to_image(StableDiffusionXLPipeline(**tiny_sdxl()), PROMPTS, negative_prompt="blurry",
+                                    guidance_scale=5.0)
+    for key in expected.cond:
+        torch.testing.assert_close(result.cond[key], expected.cond[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.uncond[key], expected.uncond[key], rtol=1e-5, atol=1e-6)
+    assert load_from_args(parser.parse_args(["--model", str(tmp_path)]), device="cpu") is None
+    with pytest.raises(ValueError, match="neither a valid local path nor a valid repo id"):  # diffusers' own error
+        load_text_to_image(str(tmp_path / "missing"), PROMPTS)
+
 
 # --- nested kwargs ---------------------------------------------------------------------------------
 def test_flat_and_nested_kwargs_reach_the_model_alike():
@@ -45,3 +211,68 @@ def test_dynamic_shifting_mu_matches_flow_match_euler(time_shift_type, mu):
         NoiseSchedule(config)
     assert NoiseSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0).config, mu=5.0).sigma_min == pytest.approx(
         NoiseSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0).config).sigma_min)  # mu only for dynamic configs
+
+
+def test_mu_is_the_pipelines(monkeypatch):
+    """With a dynamic-shifting scheduler, `mu` equals what `StableDiffusion3Pipeline` passes to `set_timesteps`."""
+    components = tiny_sd3()
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                              max_image_seq_len=256)
+    pipe = quiet(StableDiffusion3Pipeline(**components))
+    seen = {}
+    original = FlowMatchEulerDiscreteScheduler.set_timesteps
+
+    def spy(self, *args, **kwargs):
+        seen["mu"] = kwargs.get("mu")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", spy)
+    for height in (32, 64):
+        pipe(PROMPTS[0], num_inference_steps=2, height=height, width=32, output_type="latent")
+        encoded = encode_text_to_image(pipe, PROMPTS[:1], height=height, width=32)
+        assert encoded.mu == pytest.approx(seen["mu"], rel=1e-12) and encoded.mu is not None
+        assert encoded.denoiser.schedule.sigma_min == pytest.approx(NoiseSchedule(components["scheduler"].config,
+                                                                                  mu=seen["mu"]).sigma_min)
+    assert encode_text_to_image(pipe, PROMPTS[:1], height=64).mu > encode_text_to_image(pipe, PROMPTS[:1]).mu
+
+
+# --- prompts files ------------------------------------------------------------------------------
+def test_read_prompts_text_file_skips_blank_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red shirt\n\n   \n  a pair of boots  \na bag")
+    assert read_prompts(str(path)) == ["a red shirt", "a pair of boots", "a bag"]
+    path.write_text("\n \n")
+    with pytest.raises(ValueError, match="no prompts in"):
+        read_prompts(str(path))
+    with pytest.raises(ValueError, match="plain text file"):
+        read_prompts(str(tmp_path / "prompts.txt"), column="caption")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_read_prompts_imagefolder_metadata(tmp_path):
+    rows = [{"file_name": "0.png", "text": "a cat"}, {"file_name": "1.png", "text": "a dog", "caption": "dog"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_prompts(str(tmp_path)) == ["a cat", "a dog"]
+    assert read_prompts(str(tmp_path), column="caption") == ["dog"]  # rows without it are skipped
+    with pytest.raises(ValueError, match=r"no column 'prompt'; its columns are \['caption', 'file_name', 'text'\]"):
+        read_prompts(str(tmp_path), column="prompt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no metadata.jsonl or metadata.csv"):
+        read_prompts(str(tmp_path / "empty"))
+
+
+def test_read_prompts_tables(tmp_path):
+    (tmp_path / "p.csv").write_text('id,prompt\n1,"a cat, sitting"\n2,a dog\n')
+    assert read_prompts(str(tmp_path / "p.csv"), column="prompt") == ["a cat, sitting", "a dog"]
+    with pytest.raises(ValueError, match="no column 'text'.*--prompt-column"):
+        read_prompts(str(tmp_path / "p.csv"))
+    (tmp_path / "p.json").write_text(json.dumps(["a cat", "", "a dog"]))
+    assert read_prompts(str(tmp_path / "p.json")) == ["a cat", "a dog"]
+    (tmp_path / "r.json").write_text(json.dumps([{"text": "a cat"}, {"text": "a dog"}]))
+    assert read_prompts(str(tmp_path / "r.json")) == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"caption": "a bird"}\n\n{"caption": "a fish"}\n')
+    assert read_prompts(str(tmp_path / "p.jsonl"), column="caption") == ["a bird", "a fish"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="not valid JSONL"):
+        read_prompts(str(tmp_path / "bad.jsonl"))
