@@ -1,12 +1,13 @@
 """Text-to-image conditioning: prompts → encoded kwargs → a guided σ-space denoiser that reproduces the stock
 pipelines (SD, SDXL, SD3) and drives the optimiser; dynamic shifting (`mu`); reading prompt files."""
 import argparse
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,
                        StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from diffusers_fewstep import NoiseSchedule, SigmaDenoiser
@@ -17,7 +18,7 @@ from diffusers_fewstep.optimizer import optimize_schedule
 from diffusers_fewstep.pipelines import FewStepSD3Pipeline, FewStepStableDiffusionPipeline
 from diffusers_fewstep.schedules import baseline_sigmas, validate_sigmas
 from diffusers_fewstep.solvers import sample
-from tiny_models import tiny_sd, tiny_sd3, tiny_sdxl
+from tiny_models import tiny_flux, tiny_sd, tiny_sd3, tiny_sdxl
 
 FAMILIES = {"sd": (tiny_sd, StableDiffusionPipeline), "sdxl": (tiny_sdxl, StableDiffusionXLPipeline),
             "sd3": (tiny_sd3, StableDiffusion3Pipeline)}
@@ -213,27 +214,79 @@ def test_dynamic_shifting_mu_matches_flow_match_euler(time_shift_type, mu):
         NoiseSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0).config).sigma_min)  # mu only for dynamic configs
 
 
-def test_mu_is_the_pipelines(monkeypatch):
-    """With a dynamic-shifting scheduler, `mu` equals what `StableDiffusion3Pipeline` passes to `set_timesteps`."""
-    components = tiny_sd3()
-    components["scheduler"] = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
-                                                              max_image_seq_len=256)
-    pipe = quiet(StableDiffusion3Pipeline(**components))
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_mu_is_the_pipelines(name, monkeypatch):
+    """With a dynamic-shifting scheduler, `mu` is what the pipeline passes to `set_timesteps`, for every size."""
+    if name == "sd3":
+        components = tiny_sd3()
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                                  max_image_seq_len=256)
+        pipe = quiet(StableDiffusion3Pipeline(**components))
+    else:
+        pipe = quiet(FluxPipeline(**tiny_flux()))
     seen = {}
     original = FlowMatchEulerDiscreteScheduler.set_timesteps
 
+    @functools.wraps(original)  # pipelines inspect its signature
     def spy(self, *args, **kwargs):
         seen["mu"] = kwargs.get("mu")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", spy)
+    mus = []
     for height in (32, 64):
         pipe(PROMPTS[0], num_inference_steps=2, height=height, width=32, output_type="latent")
         encoded = encode_text_to_image(pipe, PROMPTS[:1], height=height, width=32)
-        assert encoded.mu == pytest.approx(seen["mu"], rel=1e-12) and encoded.mu is not None
-        assert encoded.denoiser.schedule.sigma_min == pytest.approx(NoiseSchedule(components["scheduler"].config,
-                                                                                  mu=seen["mu"]).sigma_min)
-    assert encode_text_to_image(pipe, PROMPTS[:1], height=64).mu > encode_text_to_image(pipe, PROMPTS[:1]).mu
+        assert encoded.mu is not None and encoded.mu == pytest.approx(seen["mu"], rel=1e-12)
+        assert encoded.denoiser.sigma_min == pytest.approx(NoiseSchedule(pipe.scheduler.config, mu=seen["mu"]).sigma_min)
+        mus.append(encoded.mu)
+    assert mus[1] > mus[0] + 1e-3  # more image tokens, more shift
+
+
+# --- Flux (guidance-distilled, packed latents) -----------------------------------------------------
+@pytest.fixture(scope="module")
+def flux():
+    pipe = quiet(FluxPipeline(**tiny_flux()))
+    return pipe, encode_text_to_image(pipe, PROMPTS[:2], height=32, width=32, batch_size=1)
+
+
+def test_flux_denoiser_reproduces_the_pipeline(flux):
+    pipe, encoded = flux
+    assert encoded.sample_shape == (256, 4) and encoded.uncond is None and encoded.guidance_scale == 3.5
+    assert encoded.cond["guidance"].tolist() == [3.5, 3.5] and encoded.denoiser.guidance_scale == 1.0
+    noise = torch.randn(2, *encoded.sample_shape, generator=torch.Generator().manual_seed(0))
+    reference = pipe(PROMPTS[:2], height=32, width=32, sigmas=[0.95, 0.7, 0.45, 0.2], latents=noise.clone(),
+                     output_type="latent").images
+    s = pipe.scheduler.sigmas.double()
+    sigmas = (s / (1 - s)).float()
+    schedule = encoded.denoiser.schedule
+
+    @torch.no_grad()
+    def ours(cond):
+        x = sample(encoded.denoiser, noise / schedule.native_scale(sigmas[0]), sigmas, "euler", extra_args={"cond": cond})
+        return x * schedule.native_scale(sigmas[-1])
+
+    scale = reference.abs().max()
+    assert float((ours(encoded.cond) - reference).abs().max() / scale) < 1e-4
+    other_guidance = {**encoded.cond, "guidance": torch.full((2,), 1.0)}
+    assert float((ours(other_guidance) - reference).abs().max() / scale) > 1e-3  # the guidance embedding matters
+
+
+def test_flux_optimize_and_errors(flux):
+    pipe, encoded = flux
+    result = optimize_schedule(encoded.denoiser, nfes=[3], cond=encoded.cond, num_iters=2, batch_size=2, pool_size=2,
+                               reference_steps=6, progress=False, patience=None)
+    schedule = encoded.denoiser.schedule
+    assert len(validate_sigmas(result.tables[3], schedule.sigma_min, schedule.sigma_max)) == 4
+    assert encoded.mu is not None and schedule.sigma_min != NoiseSchedule(pipe.scheduler.config, mu=0.0).sigma_min
+    with pytest.raises(ValueError, match="negative prompts .* not supported for Flux"):
+        encode_text_to_image(pipe, PROMPTS[:1], negative_prompt="blurry", height=32, width=32)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        encode_text_to_image(pipe, PROMPTS[:1], height=33, width=32)
+    schnell = encode_text_to_image(FluxPipeline(**tiny_flux(guidance_embeds=False)), PROMPTS[:1], height=32, width=32)
+    assert set(schnell.cond) == {"encoder_hidden_states", "pooled_projections"}  # no guidance embedding
+    with torch.no_grad():
+        assert schnell.denoiser(torch.randn(1, 256, 4), 1.0, cond=schnell.cond).shape == (1, 256, 4)
 
 
 # --- prompts files ------------------------------------------------------------------------------

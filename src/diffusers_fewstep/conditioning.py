@@ -9,7 +9,8 @@
 Prompts are encoded once, with the pipeline's own `encode_prompt`; the text encoders and the VAE are dropped
 afterwards (the optimiser works on latents). Solvers, objectives and the optimiser never see text: nested model
 kwargs (SDXL's `added_cond_kwargs`) travel as flat dotted keys that :class:`~diffusers_fewstep.SigmaDenoiser`
-nests again.
+nests again. Supported: Stable Diffusion 1.x/2.x, SDXL, SD3 (classifier-free guidance, negative prompts) and
+Flux (guidance embedding, packed latents, dynamic shifting `mu`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .adapter import SigmaDenoiser
+from .adapter import SigmaDenoiser, nest_kwargs
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -92,11 +93,13 @@ class TextToImage:
     """What :func:`load_text_to_image` prepares for :func:`~diffusers_fewstep.optimizer.optimize_schedule`.
 
     Attributes:
-        denoiser (`SigmaDenoiser`): the pipeline's UNet or transformer in σ-space, with `guidance_scale`.
-        sample_shape (`tuple`): one latent, `(C, height / vae_scale_factor, width / vae_scale_factor)`.
+        denoiser (`SigmaDenoiser`): the pipeline's UNet or transformer in σ-space, with classifier-free guidance
+            (`FluxSigmaDenoiser` for Flux).
+        sample_shape (`tuple`): one latent, `(C, height / vae_scale_factor, width / vae_scale_factor)`; Flux's
+            packed latents are `(tokens, 4·C)`.
         cond (`dict[str, torch.Tensor]`): model kwargs with one row per prompt (flat dotted keys).
         uncond (`dict[str, torch.Tensor]`, *optional*): the negative-prompt kwargs, one row per prompt;
-            `None` without guidance (`guidance_scale` ≤ 1).
+            `None` without classifier-free guidance (`guidance_scale` ≤ 1, and Flux, whose `cond` holds `guidance`).
         scheduler_config (`dict`): the pipeline's scheduler config (the base of the learned scheduler).
         prompts (`list[str]`), guidance_scale (`float`), height (`int`), width (`int`): as used.
         mu (`float`, *optional*): the dynamic shift of flow schedulers with `use_dynamic_shifting`.
@@ -122,11 +125,12 @@ def load_text_to_image(path_or_id: str, prompts: Sequence[str], negative_prompt:
     """Load a text-to-image pipeline (local folder or Hub id), encode `prompts`, and keep only the denoiser.
 
     Args:
-        path_or_id (`str`): a diffusers pipeline folder or Hub id (Stable Diffusion 1.x/2.x, SDXL, SD3).
+        path_or_id (`str`): a diffusers pipeline folder or Hub id (Stable Diffusion 1.x/2.x, SDXL, SD3, Flux).
         prompts (`list[str]`): the prompts the table is learned for (see :func:`read_prompts`).
         negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt(s) of guidance; `None` is the
             pipeline's own default (an empty prompt, or zeros for SDXL's `force_zeros_for_empty_prompt`).
-        guidance_scale (`float`, *optional*): classifier-free guidance; defaults to the pipeline's `__call__` default.
+        guidance_scale (`float`, *optional*): classifier-free guidance (Flux: the transformer's guidance embedding);
+            defaults to the pipeline's `__call__` default.
         height (`int`, *optional*), width (`int`, *optional*): image size; defaults to the pipeline's.
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where the text encoders and the denoiser run.
         torch_dtype (`torch.dtype`, *optional*): passed to `DiffusionPipeline.from_pretrained`.
@@ -161,39 +165,66 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts to encode")
-    model = pipe.transformer if family == "sd3" else pipe.unet
-    if getattr(model.config, "time_cond_proj_dim", None) is not None:
-        raise ValueError(f"{type(model).__name__} embeds the guidance scale (time_cond_proj_dim, LCM); only "
-                         "classifier-free guidance is supported")
+    model = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
     guidance_scale = default_guidance_scale(pipe) if guidance_scale is None else float(guidance_scale)
-    guided = guidance_scale > 1  # as the pipelines' `do_classifier_free_guidance`
-    sample_shape, height, width = _latent_shape(pipe, model, height, width)
+    guided = _classifier_free(family, model, guidance_scale, negative_prompt)
+    sample_shape, height, width, image_seq_len = _latent_shape(pipe, family, model, height, width)
     for name in TEXT_ENCODERS:
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).to(device)
     cond, uncond = _encode_all(pipe, family, prompts, _per_prompt(negative_prompt, len(prompts)), guided, device,
                                (height, width), batch_size)
     config = dict(pipe.scheduler.config)
-    mu = dynamic_shift(config, sample_shape, getattr(model.config, "patch_size", None) or 1)
-    denoiser = SigmaDenoiser(model.to(device).eval(), config, guidance_scale=guidance_scale if guided else 1.0, mu=mu)
+    mu = dynamic_shift(config, image_seq_len)
+    kwargs = {"guidance_scale": guidance_scale if guided else 1.0, "mu": mu}
+    model = model.to(device).eval()
+    if family == "flux":
+        img_ids = pipe._prepare_latent_image_ids(1, height // pipe.vae_scale_factor // 2,
+                                                 width // pipe.vae_scale_factor // 2, device, torch.float32)
+        denoiser = FluxSigmaDenoiser(model, config, img_ids, **kwargs)
+        if model.config.guidance_embeds:  # guidance-distilled (FLUX.1-dev): the scale is an input, one per row
+            cond["guidance"] = torch.full((len(prompts),), guidance_scale, dtype=torch.float32, device=device)
+    else:
+        denoiser = SigmaDenoiser(model, config, **kwargs)
     denoiser.sample_shape = sample_shape  # read by optimize_schedule when no sample_shape is passed
     return TextToImage(denoiser, sample_shape, cond, uncond, config, prompts, guidance_scale, height, width, mu)
 
 
+class FluxSigmaDenoiser(SigmaDenoiser):
+    """:class:`~diffusers_fewstep.SigmaDenoiser` for `FluxTransformer2DModel`: packed latents (tokens, 4·C),
+    timesteps in [0, 1] as `FluxPipeline` passes them, and the position ids (the same for every sample) kept here.
+
+    Args:
+        img_ids (`torch.Tensor`): the (tokens, 3) image position ids of the latent size
+            (`FluxPipeline._prepare_latent_image_ids`); other arguments as for `SigmaDenoiser`.
+    """
+
+    def __init__(self, model, scheduler_config, img_ids: torch.Tensor, **kwargs):
+        super().__init__(model, scheduler_config, **kwargs)
+        self.register_buffer("img_ids", img_ids, persistent=False)
+
+    def model_output(self, x_native: torch.Tensor, t: torch.Tensor, cond: Optional[dict]) -> torch.Tensor:
+        kwargs = nest_kwargs(cond or {})
+        txt_ids = x_native.new_zeros(kwargs["encoder_hidden_states"].shape[1], 3)  # as FluxPipeline.encode_prompt
+        return self.model(x_native, timestep=t / 1000, img_ids=self.img_ids.to(x_native.dtype), txt_ids=txt_ids,
+                          return_dict=False, **kwargs)[0]
+
+
 def pipeline_family(pipe) -> str:
-    """`"sd"`, `"sdxl"` or `"sd3"`: which prompt encoding and model kwargs the pipeline uses."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """`"sd"`, `"sdxl"`, `"sd3"` or `"flux"`: which prompt encoding and model kwargs the pipeline uses."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     for family, cls in (("sdxl", StableDiffusionXLPipeline), ("sd3", StableDiffusion3Pipeline),
-                        ("sd", StableDiffusionPipeline)):
+                        ("sd", StableDiffusionPipeline), ("flux", FluxPipeline)):
         if isinstance(pipe, cls):
             return family
     raise ValueError(f"{type(pipe).__name__} is not supported for text-conditional optimisation; supported are "
-                     "StableDiffusionPipeline, StableDiffusionXLPipeline and StableDiffusion3Pipeline (and subclasses)")
+                     "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline "
+                     "(and subclasses)")
 
 
 def default_guidance_scale(pipe) -> float:
-    """The `guidance_scale` default of the pipeline's `__call__` (SD 7.5, SDXL 5.0, SD3 7.0)."""
+    """The `guidance_scale` default of the pipeline's `__call__` (SD 7.5, SDXL 5.0, SD3 7.0, Flux 3.5)."""
     for cls in type(pipe).__mro__:  # few-step subclasses take **kwargs: ask the stock class
         call = cls.__dict__.get("__call__")
         param = inspect.signature(call).parameters.get("guidance_scale") if call else None
@@ -202,30 +233,46 @@ def default_guidance_scale(pipe) -> float:
     raise ValueError(f"{type(pipe).__name__}.__call__ has no guidance_scale default; pass guidance_scale")
 
 
-def dynamic_shift(scheduler_config, sample_shape: Sequence[int], patch_size: int = 1) -> Optional[float]:
-    """`mu` for flow schedulers with `use_dynamic_shifting`, from the latent size as the SD3 and Flux pipelines
-    compute it (diffusers' `calculate_shift`); `None` for every other scheduler."""
+def _classifier_free(family, model, guidance_scale, negative_prompt) -> bool:
+    """Whether the pipeline would run classifier-free guidance (its `do_classifier_free_guidance`)."""
+    if getattr(model.config, "time_cond_proj_dim", None) is not None:
+        raise ValueError(f"{type(model).__name__} embeds the guidance scale (time_cond_proj_dim, LCM); only "
+                         "classifier-free guidance is supported")
+    if family == "flux":  # guidance is an input of the transformer (guidance-distilled), not two model calls
+        if negative_prompt is not None:
+            raise ValueError("negative prompts (Flux's true_cfg_scale) are not supported for Flux; its guidance "
+                             "is the transformer's guidance embedding")
+        return False
+    return guidance_scale > 1
+
+
+def dynamic_shift(scheduler_config, image_seq_len: int) -> Optional[float]:
+    """`mu` for flow schedulers with `use_dynamic_shifting`, from the number of image tokens as the SD3 and Flux
+    pipelines compute it (diffusers' `calculate_shift`); `None` for every other scheduler."""
     if not scheduler_config.get("use_dynamic_shifting"):
         return None
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    image_seq_len = (sample_shape[-2] // patch_size) * (sample_shape[-1] // patch_size)
     return calculate_shift(image_seq_len, scheduler_config.get("base_image_seq_len", 256),
                            scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
                            scheduler_config.get("max_shift", 1.15))
 
 
-def _latent_shape(pipe, model, height, width):
-    """(C, h, w) of one latent and the image size, from `height`/`width` or the model's `sample_size`."""
+def _latent_shape(pipe, family, model, height, width):
+    """One latent's shape, the image size and the number of image tokens, from `height`/`width` or the
+    pipeline's default size. Flux latents are packed 2×2 patches: (tokens, 4·C)."""
     factor = pipe.vae_scale_factor
-    size = model.config.sample_size
+    size = getattr(pipe, "default_sample_size", None) or model.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     height, width = height or size[0] * factor, width or size[1] * factor
-    multiple = factor * (getattr(model.config, "patch_size", None) or 1)
-    if height % multiple or width % multiple:
-        raise ValueError(f"height and width must be multiples of {multiple} for {type(pipe).__name__}; "
+    patch = 2 if family == "flux" else getattr(model.config, "patch_size", None) or 1
+    if height % (factor * patch) or width % (factor * patch):
+        raise ValueError(f"height and width must be multiples of {factor * patch} for {type(pipe).__name__}; "
                          f"got {height}×{width}")
-    return (model.config.in_channels, height // factor, width // factor), height, width
+    tokens = (height // factor // patch) * (width // factor // patch)
+    if family == "flux":
+        return (tokens, model.config.in_channels), height, width, tokens
+    return (model.config.in_channels, height // factor, width // factor), height, width, tokens
 
 
 def _per_prompt(negative_prompt, n: int) -> Optional[List[str]]:
@@ -249,6 +296,9 @@ def _encode_all(pipe, family, prompts, negatives, guided, device, size, batch_si
 
 def _encode(pipe, family: str, prompts, negatives, guided: bool, device, size) -> Tuple[dict, dict]:
     """(cond, uncond) model kwargs of one batch of prompts, from the pipeline's own `encode_prompt`."""
+    if family == "flux":  # (T5 embeddings, pooled CLIP embedding, text ids); no unconditional branch
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=torch.device(device))
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}, None
     kwargs = {"prompt": prompts, "device": torch.device(device), "num_images_per_prompt": 1,
               "do_classifier_free_guidance": guided, "negative_prompt": negatives}
     params = inspect.signature(pipe.encode_prompt).parameters
@@ -290,7 +340,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--negative-prompt", default=None,
                        help="negative prompt of classifier-free guidance (default: the pipeline's)")
     group.add_argument("--guidance-scale", type=float, default=None,
-                       help="classifier-free guidance scale (default: the pipeline's, e.g. SD 7.5, SDXL 5, SD3 7)")
+                       help="classifier-free guidance scale, Flux: its guidance embedding (default: the pipeline's: "
+                            "SD 7.5, SDXL 5, SD3 7, Flux 3.5)")
     group.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
     group.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
     group.add_argument("--torch-dtype", default=None, choices=sorted(TORCH_DTYPES),
