@@ -210,6 +210,7 @@ def test_dynamic_shifting_mu_matches_flow_match_euler(time_shift_type, mu):
     assert other.sigma_min > schedule.sigma_min * 1.1  # mu moves the σ range
     with pytest.raises(ValueError, match="pass `mu`"):
         NoiseSchedule(config)
+    assert NoiseSchedule({**config, "mu": mu}).sigma_min == schedule.sigma_min  # a config may carry mu
     assert NoiseSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0).config, mu=5.0).sigma_min == pytest.approx(
         NoiseSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0).config).sigma_min)  # mu only for dynamic configs
 

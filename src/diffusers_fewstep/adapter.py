@@ -42,7 +42,8 @@ class NoiseSchedule:
         prediction_type (`str`, *optional*): overrides the config's prediction type.
         mu (`float`, *optional*): the resolution-dependent shift of flow configs with `use_dynamic_shifting`
             (Flux): the effective shift is `exp(mu)` (`time_shift_type="exponential"`) or `mu` (`"linear"`), as in
-            `FlowMatchEulerDiscreteScheduler.set_timesteps(mu=...)`. Required for those configs, ignored otherwise.
+            `FlowMatchEulerDiscreteScheduler.set_timesteps(mu=...)`. Required for those configs (as the argument or
+            as `config["mu"]`, so a scheduler config can carry it), ignored otherwise.
     """
 
     def __init__(self, config: Mapping[str, Any], prediction_type: Optional[str] = None, mu: Optional[float] = None):
@@ -64,7 +65,7 @@ class NoiseSchedule:
             allowed = VP_PREDICTION_TYPES
         elif self.family == "flow":
             # flow matching: x_t = (1−s)·x0 + s·ε, s = σ/(1+σ); trained on shifted s in [s_min, 1]
-            shift = flow_shift(config, mu)
+            shift = flow_shift(config, mu if mu is not None else config.get("mu"))
             s = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float64) / self.num_train_timesteps
             s = shift * s / (1 + (shift - 1) * s)
             s = s.clamp(max=SIGMA_MAX_CAP / (1 + SIGMA_MAX_CAP))
