@@ -47,7 +47,7 @@ class NoiseSchedule:
     """
 
     def __init__(self, config: Mapping[str, Any], prediction_type: Optional[str] = None, mu: Optional[float] = None):
-        self.config = dict(config)
+        self.config = dict(config) if mu is None else {**config, "mu": mu}
         self.family = config_family(config)
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
         if self.family == "vp":
