@@ -181,3 +181,47 @@ def learned_scheduler(scheduler_config, steps=(3, 4), solver: str = "euler", **k
     return LearnedScheduleScheduler.from_config(scheduler_config, sigma_tables=tables, solver=solver, **kwargs)
 
 
+
+
+def tiny_t5_tokenizer():
+    """A character-level tokenizer with T5's special tokens (`<pad>` 0, `</s>` 1, `<unk>` 2), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_t5_encoder(tokenizer, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=CLIP_HIDDEN, d_kv=8, d_ff=37, num_layers=1,
+                                   num_heads=4)).eval()
+
+
+def tiny_flux(seed: int = 0, guidance_embeds: bool = True, use_dynamic_shifting: bool = True) -> dict:
+    """Components of `FluxPipeline` as diffusers' fast tests build them: a one-block Flux transformer on packed
+    latents (1 latent channel × 2×2 patches), a CLIP and a T5 encoder, a VAE that does not downsample; the
+    scheduler shifts dynamically (`mu`) like FLUX.1's, with sequence lengths scaled to tiny images."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=CLIP_HIDDEN,
+                                         pooled_projection_dim=CLIP_HIDDEN, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=use_dynamic_shifting,
+                                                base_image_seq_len=64, max_image_seq_len=1024)
+    return {"transformer": transformer, "scheduler": scheduler, "vae": vae,
+            "text_encoder": tiny_clip_text_model(tokenizer, seed + 2), "tokenizer": tokenizer,
+            "text_encoder_2": tiny_t5_encoder(tokenizer_2, seed + 3), "tokenizer_2": tokenizer_2,
+            "image_encoder": None, "feature_extractor": None}

@@ -7,6 +7,7 @@ The scheduler, the optimiser, evaluation and the pipelines all use these two cla
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional
 
 import torch
@@ -39,10 +40,14 @@ class NoiseSchedule:
             `beta_start`, `beta_end`, `beta_schedule`, `trained_betas`, `rescale_betas_zero_snr`
             and `prediction_type`; flow-matching configs use `num_train_timesteps` and `shift`.
         prediction_type (`str`, *optional*): overrides the config's prediction type.
+        mu (`float`, *optional*): the resolution-dependent shift of flow configs with `use_dynamic_shifting`
+            (Flux): the effective shift is `exp(mu)` (`time_shift_type="exponential"`) or `mu` (`"linear"`), as in
+            `FlowMatchEulerDiscreteScheduler.set_timesteps(mu=...)`. Required for those configs (as the argument or
+            as `config["mu"]`, so a scheduler config can carry it), ignored otherwise.
     """
 
-    def __init__(self, config: Mapping[str, Any], prediction_type: Optional[str] = None):
-        self.config = dict(config)
+    def __init__(self, config: Mapping[str, Any], prediction_type: Optional[str] = None, mu: Optional[float] = None):
+        self.config = dict(config) if mu is None else {**config, "mu": mu}
         self.family = config_family(config)
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
         if self.family == "vp":
@@ -60,7 +65,7 @@ class NoiseSchedule:
             allowed = VP_PREDICTION_TYPES
         elif self.family == "flow":
             # flow matching: x_t = (1−s)·x0 + s·ε, s = σ/(1+σ); trained on shifted s in [s_min, 1]
-            shift = float(config.get("shift", 1.0))
+            shift = flow_shift(config, mu if mu is not None else config.get("mu"))
             s = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float64) / self.num_train_timesteps
             s = shift * s / (1 + (shift - 1) * s)
             s = s.clamp(max=SIGMA_MAX_CAP / (1 + SIGMA_MAX_CAP))
@@ -131,6 +136,42 @@ class NoiseSchedule:
         return x * (1 - s) - s * output
 
 
+def flow_shift(config: Mapping[str, Any], mu: Optional[float] = None) -> float:
+    """The shift of a flow-matching config: `shift`, or with `use_dynamic_shifting` the one `mu` gives."""
+    if not config.get("use_dynamic_shifting"):
+        return float(config.get("shift", 1.0))
+    if mu is None:
+        raise ValueError("this flow scheduler config uses dynamic shifting; pass `mu` (compute it from the image size "
+                         "with diffusers' `calculate_shift`, as the pipeline does)")
+    kind = config.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise ValueError(f"unknown time_shift_type {kind!r}; expected 'exponential' or 'linear'")
+    return math.exp(mu) if kind == "exponential" else float(mu)
+
+
+def flatten_kwargs(kwargs: Mapping[str, Any], prefix: str = "") -> dict:
+    """Nested model kwargs as one flat dict with dotted keys (inverse of :func:`nest_kwargs`)."""
+    flat = {}
+    for key, value in kwargs.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_kwargs(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def nest_kwargs(flat: Mapping[str, Any]) -> dict:
+    """Model kwargs from dotted keys: `{"added_cond_kwargs.time_ids": t}` → `{"added_cond_kwargs": {"time_ids": t}}`."""
+    nested = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
+
+
 def _bcast(sigma, x):
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else sigma
@@ -146,13 +187,18 @@ class SigmaDenoiser(nn.Module):
         guidance_scale (`float`, *optional*, defaults to 1.0): classifier-free guidance on D.
             When > 1, `forward` needs `uncond` (a dict of unconditional kwargs) next to `cond`.
         prediction_type (`str`, *optional*): overrides the config's prediction type.
+        mu (`float`, *optional*): the dynamic shift of flow configs with `use_dynamic_shifting` (see :class:`NoiseSchedule`).
+
+    `cond` and `uncond` may hold nested model kwargs in flat form, one tensor per key with a batch row per
+    sample: `{"added_cond_kwargs.text_embeds": t}` reaches the model as `added_cond_kwargs={"text_embeds": t}`
+    (so the optimiser can pick rows of every tensor); nested dicts are accepted too.
     """
 
     def __init__(self, model: nn.Module, scheduler_config: Mapping[str, Any], guidance_scale: float = 1.0,
-                 prediction_type: Optional[str] = None):
+                 prediction_type: Optional[str] = None, mu: Optional[float] = None):
         super().__init__()
         self.model = model
-        self.schedule = NoiseSchedule(scheduler_config, prediction_type)
+        self.schedule = NoiseSchedule(scheduler_config, prediction_type, mu=mu)
         self.guidance_scale = guidance_scale
         self.num_evals = 0  # model evaluations (counted per batch call, guidance counts once)
 
@@ -173,7 +219,7 @@ class SigmaDenoiser(nn.Module):
         return cls(model, config, **kwargs)
 
     def model_output(self, x_native: torch.Tensor, t: torch.Tensor, cond: Optional[dict]) -> torch.Tensor:
-        out = self.model(x_native, timestep=t, **(cond or {}))
+        out = self.model(x_native, timestep=t, **nest_kwargs(cond or {}))
         out = out.sample if hasattr(out, "sample") else out[0]
         return out[:, : x_native.shape[1]]  # learned-variance models predict extra channels
 
@@ -190,7 +236,8 @@ class SigmaDenoiser(nn.Module):
         if self.guidance_scale != 1.0:
             if uncond is None:
                 raise ValueError("guidance_scale != 1 needs `uncond` (the unconditional model kwargs)")
-            both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            cond, uncond = flatten_kwargs(cond or {}), flatten_kwargs(uncond)
+            both = {k: torch.cat([uncond[k], v]) if torch.is_tensor(v) else v for k, v in cond.items()}
             out = self.model_output(torch.cat([x_native, x_native]).to(dtype), torch.cat([t, t]), both).to(x.dtype)
             out_u, out_c = out.chunk(2)
             out = out_u + self.guidance_scale * (out_c - out_u)  # linear in D for every parameterisation
