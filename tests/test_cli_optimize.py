@@ -129,3 +129,24 @@ def test_cli_optimize_from_a_diffusers_peer_table_keeps_its_ends(tmp_path):
     assert scheduler.config.solver == "unipc"
     assert table[0] == pytest.approx(17.379, rel=1e-3) and table[2] == pytest.approx(0.958, rel=1e-3)  # fixed ends
     assert table[-1] == 0.0
+
+
+def test_cli_optimize_text_to_image_pipeline(tmp_path, capsys):
+    """`--prompts-file` makes --model a text-to-image pipeline: prompts encoded by the pipeline, guidance inside the
+    denoiser, latents of the pipeline's shape; the scheduler folder then drives the stock pipeline."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from tiny_models import tiny_sd
+
+    StableDiffusionPipeline(**tiny_sd()).save_pretrained(tmp_path / "sd")
+    (tmp_path / "prompts.txt").write_text("a photo of a sneaker\n\nan ankle boot\n")
+    assert main(["optimize", "--model", str(tmp_path / "sd"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "--guidance-scale", "3", "--nfe", "2", "--solver", "euler", *TINY, "--output-dir", str(tmp_path / "out")]) == 0
+    log = json.loads((tmp_path / "out" / "optimize_log.json").read_text())
+    assert log["settings"]["sample_shape"] == [4, 16, 16]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    pipe.scheduler = LearnedScheduleScheduler.from_pretrained(str(tmp_path / "out"), subfolder="scheduler")
+    image = pipe("a photo of a sneaker", num_inference_steps=2, guidance_scale=3, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()

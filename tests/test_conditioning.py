@@ -284,8 +284,6 @@ def test_flux_denoiser_reproduces_the_pipeline(flux):
     assert float((ours(other_guidance) - reference).abs().max() / scale) > 1e-3  # the guidance embedding matters
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="schedules.stock_sigmas calls set_timesteps(nfe) "
-                   "without the config's `mu`, which dynamic-shifting flow schedulers require")
 def test_flux_optimize_schedule(flux):
     pipe, encoded = flux
     result = optimize_schedule(encoded.denoiser, nfes=[3], cond=encoded.cond, num_iters=2, batch_size=2, pool_size=2,

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute model calls in backward")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .conditioning import add_arguments as add_text_to_image_arguments
+
+    add_text_to_image_arguments(parser)
 
 
 def existing_tables(config) -> dict:
@@ -112,6 +115,7 @@ def summary_lines(result: ScheduleResult, measure: str) -> list:
 def run(args: argparse.Namespace) -> int:
     """Learn, select and save the tables; print the held-out comparison and where the files are."""
     from .adapter import SigmaDenoiser
+    from .conditioning import load_from_args
     from .data import load_images
     from .hub import load_model_and_scheduler_config, portable_model_ref
     from .outputs import read_scheduler_tables
@@ -120,8 +124,12 @@ def run(args: argparse.Namespace) -> int:
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     existing_config = read_scheduler_tables(args.output_dir)
-    model, config = load_model_and_scheduler_config(args.model)
-    denoiser = SigmaDenoiser(model.to(device).eval(), config)
+    t2i = load_from_args(args, device)  # a text-to-image pipeline with prompts, or None
+    if t2i is not None:
+        denoiser, config, cond, uncond = t2i.denoiser, t2i.scheduler_config, t2i.cond, t2i.uncond
+    else:
+        model, config = load_model_and_scheduler_config(args.model)
+        denoiser, cond, uncond = SigmaDenoiser(model.to(device).eval(), config), None, None
     data = load_images(args.data, _infer_sample_shape(denoiser)) if args.data else None
     base_model = portable_model_ref(args.model)
     existing = {} if args.overwrite else existing_tables(existing_config)
@@ -134,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         denoiser, nfes=args.nfe, solver=args.solver, objective=args.objective, loss=args.loss,
         select_by=args.select_by, starts=pick("starts"), free_last=args.free_last, method=args.method,
         num_iters=pick("max_iters"), batch_size=pick("batch_size"), lr=args.lr,
-        validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data,
+        validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data, cond=cond, uncond=uncond,
         init=initial_tables(args.init, args.nfe, config), existing={n: v for n, v in existing.items() if n in args.nfe},
         reference_steps=pick("reference_steps"), seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,

@@ -75,7 +75,8 @@ def stock_sigmas(name: str, nfe: int, base_config) -> List[float]:
     """The σ-space table diffusers' scheduler `name` samples on at `nfe` steps (ending in 0)."""
     schedule = NoiseSchedule(base_config)
     scheduler = diffusers_scheduler(name, base_config)
-    scheduler.set_timesteps(nfe)
+    dynamic = base_config.get("use_dynamic_shifting") and "mu" in scheduler.set_timesteps.__code__.co_varnames
+    scheduler.set_timesteps(nfe, **({"mu": base_config.get("mu")} if dynamic else {}))
     if schedule.family == "flow":  # flow time s → σ = s/(1−s), s = 1 capped as everywhere (adapter.SIGMA_MAX_CAP)
         s = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).clamp(max=SIGMA_MAX_CAP / (1 + SIGMA_MAX_CAP))
         table = s / (1 - s)
