@@ -35,8 +35,8 @@ def test_fd_in_the_model_features_sees_blur_that_rmse_rewards(fixture_features):
     the model's own features the blurred set is the one far from the real images' distribution."""
     from diffusers_fewstep.evaluation import fmnist_images
 
-    images = fmnist_images(FMNIST)[:256]
-    ref, other = images[:128], images[128:]
+    images = fmnist_images(FMNIST)[:160]
+    ref, other = images[:80], images[80:]
     blurred = _blur(ref)
     noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
     rmse = lambda x: float((x - ref).pow(2).flatten(1).mean(1).sqrt().mean())  # noqa: E731

@@ -301,3 +301,27 @@ def test_ays_released_tables_and_their_interpolation(model):
         ays.ays_released_sigmas(model, [5], NoiseSchedule(DDPM_CONFIG))
     with pytest.raises(ValueError, match="no released AYS table"):
         ays.ays_released_sigmas("DeepFloyd", [5], NoiseSchedule(SD_CONFIG))
+
+
+def test_flow_peers_sample_through_the_stock_loop_and_match_our_solvers():
+    """Flow-matching schedulers have no `init_noise_sigma`/`scale_model_input`; the stock loop must still run them,
+    and FlowMatch Euler equals our first-order solver on its own σ's (schedules.stock_sigmas)."""
+    from diffusers import UNet2DModel
+
+    from diffusers_fewstep.adapter import SigmaDenoiser
+    from diffusers_fewstep.schedules import stock_sigmas
+
+    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    denoiser = SigmaDenoiser(unet, flow)
+    noise = ev.noise_bank(4, (1, 8, 8), seed=3)
+    for name in peers.STOCK_SCHEDULERS["flow"]:
+        x = peers.sample_diffusers(unet, peers.diffusers_scheduler(name, flow), noise, 4)
+        assert x.shape == noise.shape and torch.isfinite(x).all(), name
+    theirs = peers.sample_diffusers(unet, peers.diffusers_scheduler("flow_euler", flow), noise, 4)
+    ours = ev.generate(denoiser, noise, stock_sigmas("flow_euler", 4, flow), "euler")
+    # s = 1 is σ = ∞: we start at the cap σ = 4096 (the model sees t = 999.76 instead of 1000)
+    assert ev.endpoint_rmse(ours, theirs) < 2e-3
