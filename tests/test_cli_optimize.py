@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from diffusers_fewstep import DEFAULT_MODEL, LearnedScheduleScheduler, optimizer
+from diffusers_fewstep import DEFAULT_MODEL, LearnedScheduleScheduler, learning
 from diffusers_fewstep.adapter import NoiseSchedule
 from diffusers_fewstep.cli import main
 from diffusers_fewstep.hub import load_json
@@ -89,14 +89,14 @@ def test_a_second_run_adds_its_tables_and_keeps_the_better_one(tmp_path, capsys,
 
 
 def test_an_interrupted_run_keeps_the_step_counts_it_finished(tmp_path, monkeypatch, tiny_model):
-    learn = optimizer._learn_trajectory
+    learn = learning.learn_trajectory
 
     def interrupted(run, start):
         if len(start.table) - 1 == 3:
             raise KeyboardInterrupt
         return learn(run, start)
 
-    monkeypatch.setattr(optimizer, "_learn_trajectory", interrupted)
+    monkeypatch.setattr(learning, "learn_trajectory", interrupted)
     with pytest.raises(KeyboardInterrupt):
         main(["optimize", "--model", tiny_model, "--nfe", "2", "3", "--solver", "euler", *TINY,
               "--output-dir", str(tmp_path)])
