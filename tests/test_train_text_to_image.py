@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffusers_fewstep import LearnedScheduleScheduler
+from diffusers_fewstep.pipelines import FewStepSD3Pipeline, FewStepStableDiffusionPipeline, FewStepStableDiffusionXLPipeline
 from tiny_models import tiny_sd, tiny_sd3, tiny_sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,7 @@ FAST = ["--nfe", "2", "--phase1_iters", "2", "--phase1_batch_size", "4", "--phas
         "--guidance_scale", str(GUIDANCE)]
 FAMILIES = {"sd": (tiny_sd, StableDiffusionPipeline), "sdxl": (tiny_sdxl, StableDiffusionXLPipeline),
             "sd3": (tiny_sd3, StableDiffusion3Pipeline)}
+FEWSTEP = {"sd": FewStepStableDiffusionPipeline, "sdxl": FewStepStableDiffusionXLPipeline, "sd3": FewStepSD3Pipeline}
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +134,13 @@ def test_lora_output_loads_with_load_lora_weights_and_samples_what_the_student_d
     assert float((latents - base_latents).abs().max()) > 2e-3 * scale  # ≥ 20× the agreement above
     images = pipe(PROMPTS, num_inference_steps=2, guidance_scale=GUIDANCE, latents=noise.clone(), output_type="np").images
     assert images.shape == (3, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+    # the folder is also a few-step bundle (`load_fewstep`: the diffusers-format LoRA at its root)
+    fewstep = FEWSTEP[name].from_pretrained(str(saved / name), **({"text_encoder_3": None, "tokenizer_3": None}
+                                                                   if name == "sd3" else {}))
+    quiet(fewstep).load_fewstep(str(out))
+    bundled = fewstep(PROMPTS, num_inference_steps=2, guidance_scale=GUIDANCE, latents=noise.clone(),
+                      output_type="latent").images
+    assert float((bundled - latents).abs().max()) < 1e-4 * scale
     # 4. the teacher's reference solves are the *base* model's guided trajectories (adapter off, also after
     #    training): its 10-step solve equals the base pipeline on the same grid with the same solver (DPM++ 2M)
     from diffusers_fewstep.reference import reference_sigmas, solve
@@ -306,13 +315,65 @@ def test_lora_base_weights_in_half_precision_under_mixed_precision(saved):
     from diffusers import UNet2DConditionModel
 
     from diffusers_fewstep.finetune import TEXT_TO_IMAGE_LORA_MODULES, add_lora
-    from diffusers_fewstep.train import _half_precision_base
+    from diffusers_fewstep.text_to_image_training import half_precision_base
 
     unet = UNet2DConditionModel.from_pretrained(str(saved / "sd"), subfolder="unet").requires_grad_(False)
     unet = add_lora(unet, rank=4, target_modules=TEXT_TO_IMAGE_LORA_MODULES, in_place=True)
-    _half_precision_base(unet, "bf16")
+    half_precision_base(unet, "bf16")
     dtypes = {(p.requires_grad, p.dtype) for p in unet.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = unet(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), 500, encoder_hidden_states=torch.randn(1, 16, 32)).sample
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+
+
+def test_accelerate_launch_on_the_fashion_mnist_text_to_image_fixture(tmp_path):
+    """`accelerate launch scripts/train_fewstep.py` on the trained SD-style fixture with a prompts file: the output
+    loads with `StableDiffusionPipeline.from_pretrained` + `load_lora_weights` + the learned scheduler, samples
+    images, differs from the base model, and equals the student of the script's last checkpoint."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from diffusers_fewstep import SigmaDenoiser
+    from diffusers_fewstep.conditioning import encode_text_to_image
+    from diffusers_fewstep.evaluation import generate
+    from diffusers_fewstep.finetune import TEXT_TO_IMAGE_LORA_MODULES, add_lora
+
+    prompts = ["a photo of a sneaker", "a photo of a bag", "a picture of a dress", "trouser"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, "--pretrained_model_name_or_path", FIXTURE,
+           "--prompts_file", str(tmp_path / "prompts.txt"), "--output_dir", str(out), *FAST, "--learning_rate", "1e-2",
+           "--lora_rank", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = _loaded(StableDiffusionPipeline, FIXTURE, out)
+    base = _loaded(StableDiffusionPipeline, FIXTURE, out, lora=False)
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = lambda p, kind: p(prompts, num_inference_steps=2, guidance_scale=GUIDANCE, latents=noise.clone(),  # noqa: E731
+                            output_type=kind).images
+    latents, base_latents, images = run(pipe, "latent"), run(base, "latent"), run(pipe, "np")
+    assert images.shape == (4, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+    scale = float(latents.abs().max())
+    assert float((latents - base_latents).abs().max()) > 2e-3 * scale
+    # the student as the script's last checkpoint holds it: the fixture's UNet with the adapter and those weights
+    last = max((d for d in os.listdir(out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    unet = UNet2DConditionModel.from_pretrained(FIXTURE, subfolder="unet").requires_grad_(False)
+    unet = add_lora(unet, rank=8, target_modules=TEXT_TO_IMAGE_LORA_MODULES, in_place=True)
+    unet.load_state_dict(load_file(str(out / last / "model.safetensors")))
+    encoded = encode_text_to_image(base, prompts, guidance_scale=GUIDANCE)
+    student = SigmaDenoiser(unet.eval(), base.scheduler.config, guidance_scale=GUIDANCE)
+    with torch.no_grad():
+        ours = generate(student, noise, pipe.scheduler.config.sigma_tables["2"], "euler",
+                        extra_args={"cond": encoded.cond, "uncond": encoded.uncond}, clamp=False)
+    assert float((latents - ours).abs().max()) < 1e-4 * scale
+    # docs/training.md's evaluation recipe: the LoRA fused into a full pipeline folder (its own scheduler kept)
+    fused = quiet(StableDiffusionPipeline.from_pretrained(FIXTURE))
+    fused.load_lora_weights(str(out))
+    fused.fuse_lora()
+    fused.unload_lora_weights()
+    fused.save_pretrained(str(tmp_path / "fused"))
+    fused = _loaded(StableDiffusionPipeline, tmp_path / "fused", out, lora=False)
+    assert float((run(fused, "latent") - latents).abs().max()) < 1e-4 * scale

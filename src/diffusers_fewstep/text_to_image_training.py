@@ -195,6 +195,15 @@ def load_training_pipeline(args: argparse.Namespace, device, need_images: bool) 
     return TrainingPipeline(pipeline_class, component, model.to(device), encoded, latents)
 
 
+def half_precision_base(model: nn.Module, mixed_precision: str) -> None:
+    """The frozen weights in half precision and the adapter in float32, as diffusers' LoRA scripts keep them under
+    mixed precision (`cast_training_params`): half the memory of the base model."""
+    from diffusers.training_utils import cast_training_params
+
+    model.to(dtype=torch.float16 if mixed_precision == "fp16" else torch.bfloat16)
+    cast_training_params(model, dtype=torch.float32)
+
+
 def save_lora(training: TrainingPipeline, model: nn.Module, output_dir: str) -> str:
     """The adapter of `model` (added in place, :func:`~diffusers_fewstep.finetune.add_lora`) in diffusers' LoRA
     format: `output_dir/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)`."""

@@ -13,9 +13,13 @@ nothing lost (:mod:`diffusers_fewstep.checkpoints`): on SIGTERM/SIGINT or an err
 checkpoint first; when the Phase-2 loss diverges it keeps the last good checkpoint. At the end the
 tuned model is measured next to the base model at the counts it was tuned for and at others.
 
+Text-to-image pipelines (SD, SDXL, SD3) train on prompts (`--prompts_file` or a captioned `--train_data_dir`)
+with guidance inside teacher and student and a LoRA adapter by default (:mod:`.text_to_image_training`).
+
 The output folder holds `scheduler/` (a `LearnedScheduleScheduler` with a table for every NFE),
 the tuned `unet/` (full fine-tuning; with the base pipeline's `model_index.json` when the base
-is an unconditional pipeline) or the LoRA adapter `unet_lora/`, `metrics.json`, `sigmas.png`
+is an unconditional pipeline) or the LoRA adapter (`unet_lora/`; text-to-image: diffusers'
+`pytorch_lora_weights.safetensors` for `pipe.load_lora_weights`), `metrics.json`, `sigmas.png`
 and a model card `README.md`.
 """
 from __future__ import annotations
@@ -244,7 +248,7 @@ def main(args: argparse.Namespace) -> str:
     from diffusers.training_utils import EMAModel
 
     from .hub import load_model_and_scheduler_config
-    from .text_to_image_training import has_text_encoder, load_training_pipeline
+    from .text_to_image_training import half_precision_base, has_text_encoder, load_training_pipeline
 
     check_args(args)
     args.start_time = time.time()
@@ -278,7 +282,7 @@ def main(args: argparse.Namespace) -> str:
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
                          in_place=t2i is not None)
         if t2i is not None and accelerator.mixed_precision in ("fp16", "bf16"):
-            _half_precision_base(model, accelerator.mixed_precision)
+            half_precision_base(model, accelerator.mixed_precision)
     teacher_module = make_teacher(model, args.use_lora).to(device)
     model.to(device).train()
     _speed_options(accelerator, model, teacher_module, args)
@@ -377,15 +381,6 @@ def _speed_options(accelerator, model, teacher_module, args) -> None:
     if args.compile:
         logger.info("torch.compile(backend=%r) of the trained model", compile_backend(accelerator.device))
         model.compile(backend=compile_backend(accelerator.device))
-
-
-def _half_precision_base(model, mixed_precision: str) -> None:
-    """The frozen weights in half precision and the adapter in float32, as diffusers' LoRA scripts keep them
-    under mixed precision (half the memory of the base model)."""
-    from diffusers.training_utils import cast_training_params
-
-    model.to(dtype=torch.float16 if mixed_precision == "fp16" else torch.bfloat16)
-    cast_training_params(model, dtype=torch.float32)
 
 
 def compile_backend(device) -> str:
