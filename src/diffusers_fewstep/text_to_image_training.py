@@ -18,6 +18,8 @@
 - The LoRA adapter (on the attention projections, :data:`~diffusers_fewstep.finetune.TEXT_TO_IMAGE_LORA_MODULES`)
   is saved in diffusers' format (`<Pipeline>.save_lora_weights`), so the output folder loads with
   `pipe.load_lora_weights(output_dir)`.
+
+Tested on Stable Diffusion, SDXL and SD3 (`tests/test_train_text_to_image.py`); Flux runs the same code, untested.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ IMAGE_COLUMN = "file_name"
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The text-to-image options of the training script (one per line, as diffusers' training examples)."""
-    group = parser.add_argument_group("text-to-image pipelines (Stable Diffusion 1.x/2.x, SDXL, SD3, Flux)")
+    group = parser.add_argument_group("text-to-image pipelines (Stable Diffusion 1.x/2.x, SDXL, SD3)")
     group.add_argument("--prompts_file", type=str, default=None, help="Prompts to train on: a text file (one a line) or a .csv/.json/.jsonl table (--prompt_column); or give a captioned --train_data_dir instead.")
     group.add_argument("--prompt_column", "--caption_column", type=str, default=None, help=f"Column of the prompts in a table or in --train_data_dir's metadata (default: {DEFAULT_COLUMN}).")
     group.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt of classifier-free guidance (default: the pipeline's).")
