@@ -107,6 +107,8 @@ def test_lora_output_loads_with_load_lora_weights_and_samples_what_the_student_d
     (training, model, _), _, _ = saves[0]
     component = "transformer" if name == "sd3" else "unet"
     assert training.component == component and training.encoded.guidance_scale == GUIDANCE
+    # the empty negative prompt, the same for every prompt, is kept once
+    assert {len(v) for v in training.encoded.cond.values()} == {3} and {len(v) for v in training.encoded.uncond.values()} == {1}
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n and n.rsplit(".lora_", 1)[0].endswith(("to_q", "to_k", "to_v", "to_out.0"))
                            for n in trained)
@@ -267,7 +269,16 @@ def test_text_to_image_settings_are_refused_in_one_line(saved, tmp_path, capsys)
         main(parse_args(base))
     with pytest.raises(FileNotFoundError, match="has no metadata.jsonl or metadata.csv"):
         main(parse_args(base + ["--train_data_dir", str(tmp_path)]))
+    from diffusers import DDPMPipeline
+
+    from tiny_models import tiny_unconditional
+
+    DDPMPipeline(**tiny_unconditional()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(ValueError, match="DDPMPipeline is not supported for text-conditional"):
+        main(parse_args(["--pretrained_model_name_or_path", str(tmp_path / "ddpm"), "--prompts_file", prompts,
+                         "--output_dir", str(tmp_path / "o")]))
     # through the console script: one line, exit status 2
+    capsys.readouterr()
     assert cli(["train", *base]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("diffusers-fewstep: error: ") and "--prompts_file" in err[0]

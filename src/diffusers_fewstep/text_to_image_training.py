@@ -110,8 +110,9 @@ class TrainingPipeline:
         pipeline_class (`type`): the pipeline's class (its `save_lora_weights` writes the adapter).
         component (`str`): `"unet"` or `"transformer"`.
         model (`torch.nn.Module`): the UNet or transformer (float32, on the device).
-        encoded (`TextToImage`): the prompts' encodings (`cond`, `uncond`, one row per prompt, on the device), the
-            scheduler config, the latent shape, the guidance scale, `mu`.
+        encoded (`TextToImage`): the prompts' encodings (`cond`, one row per prompt, and `uncond`, one row per
+            prompt or a single row when every prompt has the same negative prompt; on the device), the scheduler
+            config, the latent shape, the guidance scale, `mu`.
         latents (`torch.Tensor`, *optional*): clean latents of the captioned images, row k with prompt k (for the
             denoising loss).
     """
@@ -188,8 +189,11 @@ def load_training_pipeline(args: argparse.Namespace, device, need_images: bool) 
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+    uncond = encoded.uncond
+    if uncond is not None and all(torch.equal(v, v[:1].expand_as(v)) for v in uncond.values()):
+        uncond = {k: v[:1] for k, v in uncond.items()}  # one negative prompt for all: one row, broadcast
     move = lambda rows: None if rows is None else {k: v.to(device) for k, v in rows.items()}  # noqa: E731
-    encoded.cond, encoded.uncond = move(encoded.cond), move(encoded.uncond)
+    encoded.cond, encoded.uncond = move(encoded.cond), move(uncond)
     if isinstance(encoded.denoiser, FluxSigmaDenoiser):
         encoded.denoiser.img_ids = encoded.denoiser.img_ids.to(device)
     if model.dtype != torch.float32:  # trained in float32 (diffusers warns on every cast)
