@@ -231,8 +231,8 @@ def test_captioned_folder_pairs_each_image_with_its_caption_and_full_tuning_save
 
 
 def test_stopped_run_resumes_to_the_uninterrupted_lora(saved, tmp_path):
-    """The in-place (diffusers) LoRA adapter travels in the checkpoints: stopped after step 3 of 4 and resumed from
-    checkpoint-2, the run ends with the same tables and bit-identical LoRA weights, which did train."""
+    """The in-place (diffusers) LoRA adapter travels in the checkpoints, alone: stopped after step 3 of 4 and resumed
+    from checkpoint-2, the run ends with the same tables and bit-identical LoRA weights, which did train."""
     from safetensors.torch import load_file
 
     from diffusers_fewstep.train import main, parse_args
@@ -249,6 +249,12 @@ def test_stopped_run_resumes_to_the_uninterrupted_lora(saved, tmp_path):
     a, b = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (full, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert max(float(v.abs().max()) for k, v in a.items() if "lora.up" in k) > 1e-4  # up (B) starts at 0: it trained
+    # the checkpoints hold the adapter only (as diffusers' LoRA scripts save them), not the frozen UNet
+    saved = load_file(str(killed / "checkpoint-2" / "model.safetensors"))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert len(saved) == 2 * len([k for k in a if "lora.down" in k])
+    with pytest.raises(ValueError, match="does not hold this model's LoRA adapter .* resume with the run's --lora_rank"):
+        main(parse_args(args + ["--output_dir", str(killed), "--resume_from_checkpoint", "latest", "--lora_rank", "4"]))
 
 
 def test_text_to_image_settings_are_refused_in_one_line(saved, tmp_path, capsys):
@@ -373,7 +379,8 @@ def test_accelerate_launch_on_the_fashion_mnist_text_to_image_fixture(tmp_path):
     last = max((d for d in os.listdir(out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
     unet = UNet2DConditionModel.from_pretrained(FIXTURE, subfolder="unet").requires_grad_(False)
     unet = add_lora(unet, rank=8, target_modules=TEXT_TO_IMAGE_LORA_MODULES, in_place=True)
-    unet.load_state_dict(load_file(str(out / last / "model.safetensors")))
+    missing, unexpected = unet.load_state_dict(load_file(str(out / last / "model.safetensors")), strict=False)
+    assert not unexpected and missing and not any("lora_" in k for k in missing)  # the checkpoint holds the adapter
     encoded = encode_text_to_image(base, prompts, guidance_scale=GUIDANCE)
     student = SigmaDenoiser(unet.eval(), base.scheduler.config, guidance_scale=GUIDANCE)
     with torch.no_grad():

@@ -295,3 +295,34 @@ def ema_weights(ema, parameters):
         yield
     finally:
         ema.restore(parameters)
+
+
+def adapter_only_checkpoints(accelerator, model: nn.Module) -> None:
+    """Checkpoints of a LoRA run hold the adapter only, as diffusers' LoRA scripts save them: `save_state` writes the
+    trainable weights of `model` (megabytes, where the frozen base model of SDXL is gigabytes) and `load_state`
+    loads them back, refusing a checkpoint whose weights do not fit the adapter."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    strip = lambda key: key[len("module."):] if key.startswith("module.") else key  # noqa: E731  (DDP's prefix)
+
+    def save(models, weights, output_dir):
+        for state_dict in weights:
+            for key in [k for k in state_dict if strip(k) not in trainable]:
+                del state_dict[key]
+
+    def load(models, input_dir):
+        import os
+
+        from safetensors.torch import load_file
+
+        models.pop(0)  # the tuned model, the only one the accelerator holds: loaded here, not by accelerate
+        saved = {strip(k): v for k, v in load_file(os.path.join(input_dir, "model.safetensors")).items()}
+        try:
+            _, unexpected = model.load_state_dict(saved, strict=False)
+        except RuntimeError:  # a weight of another shape
+            unexpected = ["(shapes differ)"]
+        if unexpected or trainable - set(saved):
+            raise ValueError(f"{input_dir} does not hold this model's LoRA adapter ({len(trainable - set(saved))} of "
+                             f"its weights missing, {len(unexpected)} others); resume with the run's --lora_rank and model")
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)

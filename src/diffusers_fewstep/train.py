@@ -40,8 +40,8 @@ from .adapter import SigmaDenoiser
 from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error, save_or_stop, set_learning_rate,
                           step_outcome, stop_if_diverged)
 from .data import load_images
-from .finetune import (PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, add_lora, ema_weights, lora_target_modules,
-                       make_teacher, phase2_loss, teacher_states)
+from .finetune import (PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, ema_weights,
+                       lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .selection import extra_args
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
 from .text_to_image_training import check_arguments as check_text_to_image_arguments
@@ -296,6 +296,8 @@ def main(args: argparse.Namespace) -> str:
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max(1, total_steps) * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if args.use_lora:
+        adapter_only_checkpoints(accelerator, accelerator.unwrap_model(model))
     state = TrainState()
     if ema is not None:
         ema.to(device)
