@@ -12,7 +12,8 @@ import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffusers_fewstep import LearnedScheduleScheduler
-from diffusers_fewstep.pipelines import FewStepSD3Pipeline, FewStepStableDiffusionPipeline, FewStepStableDiffusionXLPipeline
+from diffusers_fewstep.pipelines import (FewStepSD3Pipeline, FewStepStableDiffusionPipeline,
+                                         FewStepStableDiffusionXLPipeline)
 from tiny_models import tiny_sd, tiny_sd3, tiny_sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +109,8 @@ def test_lora_output_loads_with_load_lora_weights_and_samples_what_the_student_d
     component = "transformer" if name == "sd3" else "unet"
     assert training.component == component and training.encoded.guidance_scale == GUIDANCE
     # the empty negative prompt, the same for every prompt, is kept once
-    assert {len(v) for v in training.encoded.cond.values()} == {3} and {len(v) for v in training.encoded.uncond.values()} == {1}
+    assert {len(v) for v in training.encoded.cond.values()} == {3}
+    assert {len(v) for v in training.encoded.uncond.values()} == {1}
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n and n.rsplit(".lora_", 1)[0].endswith(("to_q", "to_k", "to_v", "to_out.0"))
                            for n in trained)
@@ -340,7 +342,8 @@ def test_lora_base_weights_in_half_precision_under_mixed_precision(saved):
     dtypes = {(p.requires_grad, p.dtype) for p in unet.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = unet(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), 500, encoder_hidden_states=torch.randn(1, 16, 32)).sample
+        out = unet(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), 500,
+                   encoder_hidden_states=torch.randn(1, 16, 32)).sample
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
 
 
@@ -359,7 +362,8 @@ def test_accelerate_launch_on_the_fashion_mnist_text_to_image_fixture(tmp_path):
     prompts = ["a photo of a sneaker", "a photo of a bag", "a picture of a dress", "trouser"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, "--pretrained_model_name_or_path", FIXTURE,
            "--prompts_file", str(tmp_path / "prompts.txt"), "--output_dir", str(out), *FAST, "--learning_rate", "1e-2",

@@ -21,7 +21,9 @@ fresh D, so the D that lands the step on a given point is found from two evaluat
 shared step of :mod:`diffusers_fewstep.solvers`.
 
 LoRA adapters (peft) and the frozen teacher (a copy, or the same model with the adapter
-disabled) are built by :func:`add_lora` and :func:`make_teacher`.
+disabled) are built by :func:`add_lora` and :func:`make_teacher`; :func:`adapter_only_checkpoints` keeps a
+LoRA run's checkpoints to the adapter. A guided student (text-to-image) takes `uncond` next to `cond` in
+every loss.
 """
 from __future__ import annotations
 

@@ -232,7 +232,8 @@ def build_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, ge
         n = min(args.pool_batch_size, size - start)
         noise = torch.randn((n, *args.sample_shape), generator=generator).to(device)
         pick = None if rows is None else torch.randint(len(rows), (n,), generator=generator)
-        states.append(teacher_states(teacher, noise, sigmas, args.reference_steps, **({} if rows is None else rows.rows(pick))))
+        extra = {} if rows is None else rows.rows(pick)
+        states.append(teacher_states(teacher, noise, sigmas, args.reference_steps, **extra))
         picks.append(pick)
     pool = {"states": torch.cat(states, 1)}
     if rows is not None:
