@@ -399,3 +399,28 @@ def test_accelerate_launch_on_the_fashion_mnist_text_to_image_fixture(tmp_path):
     fused.save_pretrained(str(tmp_path / "fused"))
     fused = _loaded(StableDiffusionPipeline, tmp_path / "fused", out, lora=False)
     assert float((run(fused, "latent") - latents).abs().max()) < 1e-4 * scale
+
+
+def test_pipeline_loaded_once_encoders_freed_and_offloaded(saved, monkeypatch):
+    """One `from_pretrained`; the prompts are encoded with the pipeline's own encode_prompt on the CPU under
+    --offload_text_encoders, then the text encoders and the VAE are dropped and the model and the encodings go to
+    the training device (here the meta device, which the text encoders never reach)."""
+    import diffusers
+
+    from diffusers_fewstep import text_to_image_training
+    from diffusers_fewstep.train import parse_args
+
+    loads, encodes = [], []
+    original = diffusers.DiffusionPipeline.from_pretrained.__func__
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(original(cls, *a, **k)) or loads[-1]))
+    _spy(monkeypatch, text_to_image_training, "encode_text_to_image", encodes)
+    args = parse_args(["--pretrained_model_name_or_path", str(saved / "sdxl"), "--prompts_file",
+                       str(saved / "prompts.txt"), "--offload_text_encoders", "--guidance_scale", "5"])
+    training = text_to_image_training.load_training_pipeline(args, torch.device("meta"), need_images=False)
+    assert len(loads) == 1 and len(encodes) == 1 and encodes[0][0][6] == torch.device("cpu")
+    pipe = loads[0]
+    assert all(getattr(pipe, n) is None for n in ("text_encoder", "text_encoder_2", "vae"))
+    assert training.model is pipe.unet and training.model.device.type == "meta"
+    assert {v.device.type for v in (*training.encoded.cond.values(), *training.encoded.uncond.values())} == {"meta"}
+    assert training.pipeline_class is StableDiffusionXLPipeline and training.encoded.prompts == PROMPTS
