@@ -3,6 +3,11 @@
 
     accelerate launch scripts/train_fewstep.py --nfe 4 --rounds 2 --use_ema --output_dir fmnist-fewstep
 
+Text-to-image pipelines (SD, SDXL, SD3) train a LoRA on prompts, guided as they sample:
+
+    accelerate launch scripts/train_fewstep.py --pretrained_model_name_or_path assets/fmnist-t2i-sd \
+      --prompts_file examples/prompts/fmnist_t2i.txt --guidance_scale 5 --nfe 2 3 --output_dir fmnist-t2i-fewstep
+
 All options: `python scripts/train_fewstep.py --help` (see docs/training.md).
 """
 import os

@@ -42,8 +42,9 @@ def noise_bank(n: int, shape: Sequence[int] = (1, 32, 32), seed: int = NOISE_SEE
 
 @torch.no_grad()
 def generate(denoiser, noise: torch.Tensor, sigmas, solver: str = "euler", batch_size: int = 2500,
-             extra_args: Optional[dict] = None) -> torch.Tensor:
-    """Samples in the model's native space, clamped to [-1, 1], from native noise and a σ table.
+             extra_args: Optional[dict] = None, clamp: bool = True) -> torch.Tensor:
+    """Samples in the model's native space, clamped to [-1, 1] (images; `clamp=False` for latents), from native
+    noise and a σ table.
 
     Args:
         denoiser (`SigmaDenoiser`): the model in σ-space (`.schedule` is its `NoiseSchedule`).
@@ -51,6 +52,7 @@ def generate(denoiser, noise: torch.Tensor, sigmas, solver: str = "euler", batch
         sigmas (`Sequence[float]` or `torch.Tensor`): the table `[σ_0 … σ_N]` (N model evaluations).
         solver (`str`, *optional*, defaults to `"euler"`): one of `solvers.SOLVERS`.
         batch_size (`int`, *optional*, defaults to 2500): samples per model call.
+        clamp (`bool`, *optional*, defaults to `True`): clamp to [-1, 1] (images); `False` for latents.
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=noise.device)
     schedule = denoiser.schedule
@@ -62,7 +64,8 @@ def generate(denoiser, noise: torch.Tensor, sigmas, solver: str = "euler", batch
         with autocast_context(noise.device):
             x = sample(denoiser, x, sigmas, solver, extra_args=extra_args)
         # 3. back to native scale (a(0) = 1 for tables ending in 0)
-        out.append((x.float() * schedule.native_scale(sigmas[-1])).clamp(-1, 1))
+        x = x.float() * schedule.native_scale(sigmas[-1])
+        out.append(x.clamp(-1, 1) if clamp else x)
     return torch.cat(out)
 
 

@@ -21,7 +21,9 @@ fresh D, so the D that lands the step on a given point is found from two evaluat
 shared step of :mod:`diffusers_fewstep.solvers`.
 
 LoRA adapters (peft) and the frozen teacher (a copy, or the same model with the adapter
-disabled) are built by :func:`add_lora` and :func:`make_teacher`.
+disabled) are built by :func:`add_lora` and :func:`make_teacher`; :func:`adapter_only_checkpoints` keeps a
+LoRA run's checkpoints to the adapter. A guided student (text-to-image) takes `uncond` next to `cond` in
+every loss.
 """
 from __future__ import annotations
 
@@ -41,14 +43,29 @@ PHASE2_TARGETS = ("interval_average", "trajectory")
 # time-embedding projections (peft matches these as suffixes of module names)
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj", "proj_in", "proj_out")
 LORA_ATTENTION_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections only
+# text-to-image models (SD, SDXL, SD3, Flux): the attention projections, as diffusers' train_text_to_image_lora.py
+TEXT_TO_IMAGE_LORA_MODULES = LORA_ATTENTION_MODULES
 
 
 # --- teacher trajectories ------------------------------------------------------------------
 def teacher_states(teacher: Callable, noise: torch.Tensor, sigmas: torch.Tensor, num_steps: int = 200,
-                   cond: Optional[dict] = None) -> torch.Tensor:
+                   cond: Optional[dict] = None, uncond: Optional[dict] = None) -> torch.Tensor:
     """The frozen teacher's trajectory at every scheduled σ, `(N + 1, B, …)` in σ-space: the one reference
-    solve (:func:`diffusers_fewstep.reference.trajectory`, `num_steps` time-uniform steps merged with the table)."""
-    return trajectory(teacher, noise, sigmas, num_steps, extra_args={"cond": cond} if cond is not None else None)
+    solve (:func:`diffusers_fewstep.reference.trajectory`, `num_steps` time-uniform steps merged with the table).
+    `uncond` (the negative-prompt kwargs) makes a guided teacher's trajectory guided."""
+    return trajectory(teacher, noise, sigmas, num_steps, extra_args=_kwargs(cond, uncond) or None)
+
+
+def _kwargs(cond: Optional[dict], uncond: Optional[dict]) -> dict:
+    """The denoiser's conditioning keyword arguments (`uncond` only when given: guidance)."""
+    return {k: v for k, v in (("cond", cond), ("uncond", uncond)) if v is not None}
+
+
+def _repeat_rows(kwargs: Optional[dict], n: int) -> Optional[dict]:
+    """Every tensor of `kwargs` repeated `n` times along its batch rows (the N steps of one batch)."""
+    if kwargs is None:
+        return None
+    return {k: v.repeat(n, *([1] * (v.ndim - 1))) if torch.is_tensor(v) and v.ndim else v for k, v in kwargs.items()}
 
 
 # --- targets and losses ---------------------------------------------------------------------
@@ -100,7 +117,8 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def interval_average_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor,
-                          cond: Optional[dict] = None, step_weights=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                          cond: Optional[dict] = None, step_weights=None,
+                          uncond: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Target (a): at the teacher's states x(σ_i), D_θ should equal the teacher's interval average.
 
     All N steps go through the student in one batch. Returns (loss, per-step losses).
@@ -110,14 +128,15 @@ def interval_average_loss(student: Callable, states: torch.Tensor, sigmas: torch
     targets = torch.stack([step_target("euler", states[i], sigmas, i, None, states[i + 1]) for i in range(n)])
     x = states[:n].flatten(0, 1)
     sigma = sigmas[:n].repeat_interleave(batch)
-    cond_n = None if cond is None else {k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in cond.items()}
-    per_sample = _mse(student(x, sigma, cond=cond_n), targets.flatten(0, 1)).view(n, batch)
+    per_sample = _mse(student(x, sigma, **_kwargs(_repeat_rows(cond, n), _repeat_rows(uncond, n))),
+                      targets.flatten(0, 1)).view(n, batch)
     per_step = per_sample.mean(1)
     return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
 
 
 def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str = "euler",
-                    cond: Optional[dict] = None, step_weights=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    cond: Optional[dict] = None, step_weights=None,
+                    uncond: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Target (b): along the student's own few-step solve x̂_0 → … → x̂_N, D_θ(x̂_i; σ_i) should
     make the step land on the teacher's x(σ_{i+1}). The solve itself is not back-propagated
     through (each step's D is detached before advancing). Returns (loss, per-step losses)."""
@@ -125,7 +144,7 @@ def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tenso
     x, state, losses = states[0], None, []
     for i in range(n):
         target = step_target(solver, x, sigmas, i, state, states[i + 1])
-        denoised = student(x, sigmas[i], cond=cond)
+        denoised = student(x, sigmas[i], **_kwargs(cond, uncond))
         losses.append(_mse(denoised, target).mean())
         x, state = solvers.step(solver, x, denoised.detach().to(x.dtype), sigmas, i, state)
     per_step = torch.stack(losses)
@@ -133,7 +152,8 @@ def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tenso
 
 
 def denoising_loss(student: Callable, x0: torch.Tensor, sigmas: torch.Tensor, generator: Optional[torch.Generator] = None,
-                   cond: Optional[dict] = None, step_weights=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   cond: Optional[dict] = None, step_weights=None,
+                   uncond: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ordinary denoising loss at the scheduled σ_i only: λ_i·‖D_θ(x0 + σ_i·ε; σ_i) − x0‖².
 
     Each sample gets one scheduled σ_i (i cycling over the batch) and fresh noise from `generator`.
@@ -145,7 +165,7 @@ def denoising_loss(student: Callable, x0: torch.Tensor, sigmas: torch.Tensor, ge
     eps = torch.randn(x0.shape, generator=generator, device="cpu" if generator is None else generator.device)
     eps = eps.to(device=x0.device, dtype=x0.dtype)
     sigma = positive[i]
-    per_sample = _mse(student(x0 + _bcast(sigma, x0) * eps, sigma, cond=cond), x0)
+    per_sample = _mse(student(x0 + _bcast(sigma, x0) * eps, sigma, **_kwargs(cond, uncond)), x0)
     per_step = torch.zeros(n, device=x0.device).index_add(0, i, per_sample) / torch.bincount(i, minlength=n).clamp(min=1)
     return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
 
@@ -153,7 +173,7 @@ def denoising_loss(student: Callable, x0: torch.Tensor, sigmas: torch.Tensor, ge
 def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, target: str = "trajectory",
                 solver: str = "euler", x0: Optional[torch.Tensor] = None, denoising_weights=None,
                 step_weights=None, step_weighting: str = "propagated", generator: Optional[torch.Generator] = None,
-                cond: Optional[dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                cond: Optional[dict] = None, uncond: Optional[dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The Phase-2 loss for one batch of teacher trajectories.
 
     Args:
@@ -171,6 +191,8 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
         step_weighting (`str`, *optional*, defaults to `"propagated"`): see :func:`step_loss_weights`.
         generator (`torch.Generator`, *optional*): noise for the denoising loss.
         cond (`dict`, *optional*): conditioning kwargs for the model.
+        uncond (`dict`, *optional*): the unconditional kwargs of a guided student (text-to-image: the negative
+            prompts); every student call, the denoising loss's included, is then guided as the teacher is.
 
     Returns:
         (loss, logs) with per-step losses `step_i` and the denoising term as floats.
@@ -178,16 +200,16 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
     if step_weights is None:
         step_weights = step_loss_weights(sigmas, step_weighting)
     if target == "interval_average":
-        loss, per_step = interval_average_loss(student, states, sigmas, cond, step_weights)
+        loss, per_step = interval_average_loss(student, states, sigmas, cond, step_weights, uncond)
     elif target == "trajectory":
-        loss, per_step = trajectory_loss(student, states, sigmas, solver, cond, step_weights)
+        loss, per_step = trajectory_loss(student, states, sigmas, solver, cond, step_weights, uncond)
     else:
         raise ValueError(f"unknown Phase-2 target {target!r}; choose one of {list(PHASE2_TARGETS)}")
     logs = {f"step_{i}": float(v) for i, v in enumerate(per_step)}
     if denoising_weights is not None and torch.as_tensor(denoising_weights).abs().sum() > 0:
         if x0 is None:
             raise ValueError("denoising_weights needs x0 (data, or the teacher's samples)")
-        dn, _ = denoising_loss(student, x0, sigmas, generator, cond, denoising_weights)
+        dn, _ = denoising_loss(student, x0, sigmas, generator, cond, denoising_weights, uncond)
         loss = loss + dn
         logs["denoising"] = float(dn.detach())
     logs["target_loss"] = float(per_step.mean())
@@ -212,27 +234,45 @@ def lora_target_modules(model: nn.Module, candidates: Sequence[str] = LORA_TARGE
 
 
 def add_lora(model: nn.Module, rank: int = 16, alpha: Optional[float] = None, dropout: float = 0.0,
-             target_modules: Optional[Sequence[str]] = None):
-    """Wrap `model` in a peft `PeftModel` with a LoRA adapter on its attention, convolution and
-    time-embedding layers; only the adapter is trainable. Save with `save_pretrained(dir)`,
-    load with `peft.PeftModel.from_pretrained(base_model, dir)`."""
+             target_modules: Optional[Sequence[str]] = None, in_place: bool = False):
+    """A LoRA adapter (peft) on `model`'s attention, convolution and time-embedding layers (or `target_modules`);
+    only the adapter is trainable.
+
+    By default `model` is wrapped in a peft `PeftModel` (save with `save_pretrained(dir)`, load with
+    `peft.PeftModel.from_pretrained(base_model, dir)`). `in_place=True` adds the adapter with the diffusers model's
+    own `add_adapter`, as diffusers' LoRA training scripts do: the model keeps its class, and
+    `peft.utils.get_peft_model_state_dict(model)` is what `<Pipeline>.save_lora_weights` writes and
+    `pipe.load_lora_weights` reads. Returns the model with the adapter.
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights="gaussian",
                         target_modules=list(target_modules or lora_target_modules(model)))
-    return get_peft_model(model, config)
+    if not in_place:
+        return get_peft_model(model, config)
+    if not hasattr(model, "add_adapter"):
+        raise ValueError(f"{type(model).__name__} has no add_adapter (diffusers' PeftAdapterMixin); pass in_place=False")
+    model.add_adapter(config)
+    return model
 
 
 class AdapterDisabled(nn.Module):
-    """The base model under a peft adapter: calls run with the adapter switched off (the LoRA teacher)."""
+    """The base model under a LoRA adapter: calls run with the adapter switched off (the LoRA teacher). Works
+    for a peft `PeftModel` and for a diffusers model with an adapter added by `add_adapter`."""
 
     def __init__(self, peft_model: nn.Module):
         super().__init__()
         self.peft_model = peft_model
 
     def forward(self, *args, **kwargs):
-        with self.peft_model.disable_adapter():
+        if hasattr(self.peft_model, "disable_adapter"):  # PeftModel: a context manager
+            with self.peft_model.disable_adapter():
+                return self.peft_model(*args, **kwargs)
+        self.peft_model.disable_adapters()  # diffusers' PeftAdapterMixin
+        try:
             return self.peft_model(*args, **kwargs)
+        finally:
+            self.peft_model.enable_adapters()
 
 
 def make_teacher(model: nn.Module, use_lora: bool) -> nn.Module:
@@ -257,3 +297,34 @@ def ema_weights(ema, parameters):
         yield
     finally:
         ema.restore(parameters)
+
+
+def adapter_only_checkpoints(accelerator, model: nn.Module) -> None:
+    """Checkpoints of a LoRA run hold the adapter only, as diffusers' LoRA scripts save them: `save_state` writes the
+    trainable weights of `model` (megabytes, where the frozen base model of SDXL is gigabytes) and `load_state`
+    loads them back, refusing a checkpoint whose weights do not fit the adapter."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    strip = lambda key: key[len("module."):] if key.startswith("module.") else key  # noqa: E731  (DDP's prefix)
+
+    def save(models, weights, output_dir):
+        for state_dict in weights:
+            for key in [k for k in state_dict if strip(k) not in trainable]:
+                del state_dict[key]
+
+    def load(models, input_dir):
+        import os
+
+        from safetensors.torch import load_file
+
+        models.pop(0)  # the tuned model, the only one the accelerator holds: loaded here, not by accelerate
+        saved = {strip(k): v for k, v in load_file(os.path.join(input_dir, "model.safetensors")).items()}
+        try:
+            _, unexpected = model.load_state_dict(saved, strict=False)
+        except RuntimeError:  # a weight of another shape
+            unexpected = ["(shapes differ)"]
+        if unexpected or trainable - set(saved):
+            raise ValueError(f"{input_dir} does not hold this model's LoRA adapter ({len(trainable - set(saved))} of "
+                             f"its weights missing, {len(unexpected)} others); resume with the run's --lora_rank and model")
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)

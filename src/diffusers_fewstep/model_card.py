@@ -78,8 +78,25 @@ against the base model's reference solution (so the base model scores 0 on the r
 """
 
 
+def text_to_image_use(base_model: str, repo_id: str, use_lora: bool, tuned: bool, nfe: int, info: dict) -> str:
+    """The "Use" snippet of a text-to-image output folder (`info`: `TrainingPipeline.provenance()`): the base
+    pipeline, the LoRA (or the tuned model), the learned scheduler, and the guidance scale it was trained with."""
+    cls, component = info["pipeline"], info.get("component", "unet")
+    lines = [f'pipe = {cls}.from_pretrained("{base_model}")']
+    if tuned and use_lora:
+        lines.append(f'pipe.load_lora_weights("{repo_id}")  # pytorch_lora_weights.safetensors')
+    elif tuned:
+        lines.append(f'pipe.{component} = type(pipe.{component}).from_pretrained("{repo_id}", subfolder="{component}")')
+    lines.append(f'pipe.scheduler = LearnedScheduleScheduler.from_pretrained("{repo_id}", subfolder="scheduler")')
+    lines.append(f'image = pipe({info["example_prompt"]!r}, num_inference_steps={nfe}, '
+                 f'guidance_scale={info["guidance_scale"]:g}).images[0]  # the guidance it was trained with')
+    return (f"import diffusers_fewstep  # registers LearnedScheduleScheduler\nfrom diffusers import {cls}\n"
+            "from diffusers_fewstep import LearnedScheduleScheduler\n\n" + "\n".join(lines))
+
+
 def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict], solver: str,
-              use_lora: bool, tuned: bool, repo_id: str, step_counts: Optional[List[dict]] = None) -> str:
+              use_lora: bool, tuned: bool, repo_id: str, step_counts: Optional[List[dict]] = None,
+              text_to_image: Optional[dict] = None) -> str:
     nfes = sorted(int(k) for k in tables)
     if not tuned:
         load = (f'pipe = DDPMPipeline.from_pretrained("{base_model}")  # or your pipeline class\n'
@@ -93,6 +110,18 @@ def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List
     tables_md = "\n".join(f"- {n} steps: `[" + ", ".join(f"{s:.4g}" for s in tables[str(n)]) + "]`" for n in nfes)
     what = ("σ tables learned for this model" + (" and the model tuned on them (LoRA adapter)" if use_lora and tuned
                                                 else " and the model tuned on them" if tuned else ""))
+    use = f"""import diffusers_fewstep  # registers LearnedScheduleScheduler
+from diffusers import DDPMPipeline, DiffusionPipeline
+from diffusers_fewstep import LearnedScheduleScheduler
+from peft import PeftModel
+
+{load}
+images = pipe(num_inference_steps={nfes[0]}).images"""
+    if text_to_image is not None:
+        use = text_to_image_use(base_model, repo_id, use_lora, tuned, nfes[0], text_to_image)
+        what += (f" with classifier-free guidance {text_to_image['guidance_scale']:g} inside every step (sample with "
+                 f"the same `guidance_scale`), on {text_to_image['num_prompts']} prompts at "
+                 f"{text_to_image['height']}×{text_to_image['width']}")
     return f"""# Few-step sampling for {base_model}
 
 {what}, for the `{solver}` solver at {", ".join(map(str, nfes))} steps, made with
@@ -102,13 +131,7 @@ def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List
 ## Use
 
 ```python
-import diffusers_fewstep  # registers LearnedScheduleScheduler
-from diffusers import DDPMPipeline, DiffusionPipeline
-from diffusers_fewstep import LearnedScheduleScheduler
-from peft import PeftModel
-
-{load}
-images = pipe(num_inference_steps={nfes[0]}).images
+{use}
 ```
 
 ## σ tables
@@ -129,15 +152,18 @@ reference images (lower is better for both), after each phase.
 
 def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict],
                     solver: str = "euler", use_lora: bool = False, tuned: bool = True,
-                    hub_model_id: Optional[str] = None, step_counts: Optional[List[dict]] = None):
-    """Write `README.md` (a `huggingface_hub.ModelCard`) and the σ plot into `output_dir`; returns the card."""
+                    hub_model_id: Optional[str] = None, step_counts: Optional[List[dict]] = None,
+                    text_to_image: Optional[dict] = None):
+    """Write `README.md` (a `huggingface_hub.ModelCard`) and the σ plot into `output_dir`; returns the card.
+    `text_to_image` (a text-to-image run: pipeline class, guidance scale, prompts) gives its loading snippet."""
     from huggingface_hub import ModelCard, ModelCardData
 
     plot_tables(tables, os.path.join(output_dir, SIGMA_PLOT))
     repo_id = hub_model_id or os.path.basename(os.path.abspath(output_dir))
     data = ModelCardData(library_name="diffusers", base_model=base_model if not os.path.isdir(base_model) else None,
-                         tags=["diffusers", "diffusers-fewstep", "few-step-sampling"] + (["lora"] if use_lora else []))
+                         tags=["diffusers", "diffusers-fewstep", "few-step-sampling"] + (["lora"] if use_lora else [])
+                         + (["text-to-image"] if text_to_image else []))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(base_model, tables, metrics, solver, use_lora,
-                                                                    tuned, repo_id, step_counts))
+                                                                    tuned, repo_id, step_counts, text_to_image))
     card.save(os.path.join(output_dir, "README.md"))
     return card

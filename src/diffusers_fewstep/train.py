@@ -13,9 +13,13 @@ nothing lost (:mod:`diffusers_fewstep.checkpoints`): on SIGTERM/SIGINT or an err
 checkpoint first; when the Phase-2 loss diverges it keeps the last good checkpoint. At the end the
 tuned model is measured next to the base model at the counts it was tuned for and at others.
 
+Text-to-image pipelines (SD, SDXL, SD3) train on prompts (`--prompts_file` or a captioned `--train_data_dir`)
+with guidance inside teacher and student and a LoRA adapter by default (:mod:`.text_to_image_training`).
+
 The output folder holds `scheduler/` (a `LearnedScheduleScheduler` with a table for every NFE),
 the tuned `unet/` (full fine-tuning; with the base pipeline's `model_index.json` when the base
-is an unconditional pipeline) or the LoRA adapter `unet_lora/`, `metrics.json`, `sigmas.png`
+is an unconditional pipeline) or the LoRA adapter (`unet_lora/`; text-to-image: diffusers'
+`pytorch_lora_weights.safetensors` for `pipe.load_lora_weights`), `metrics.json`, `sigmas.png`
 and a model card `README.md`.
 """
 from __future__ import annotations
@@ -36,7 +40,11 @@ from .adapter import SigmaDenoiser
 from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error, save_or_stop, set_learning_rate,
                           step_outcome, stop_if_diverged)
 from .data import load_images
-from .finetune import PHASE2_TARGETS, add_lora, ema_weights, make_teacher, phase2_loss, teacher_states
+from .finetune import (PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, ema_weights,
+                       lora_target_modules, make_teacher, phase2_loss, teacher_states)
+from .selection import extra_args
+from .text_to_image_training import add_arguments as add_text_to_image_arguments
+from .text_to_image_training import check_arguments as check_text_to_image_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pool_batch_size", type=int, default=512, help="Batch size of the teacher solves that build the pool.")
     parser.add_argument("--reference_steps", type=int, default=200, help="Steps of the teacher's reference solve (DPM-Solver++(2M)).")
     parser.add_argument("--denoising_weight", type=float, nargs="+", default=[0.0], help="λ_i of the denoising loss mixed into Phase 2: one value or one per step.")
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Clean images for the denoising loss: Fashion-MNIST IDX files or an image folder (default: the teacher's samples).")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Clean images for the denoising loss: Fashion-MNIST IDX files or an image folder (default: the teacher's samples); text-to-image: a captioned imagefolder (metadata.jsonl), whose captions are the prompts.")
     parser.add_argument("--conditioning_file", type=str, default=None, help="Class labels (one integer per line) for class-conditional models.")
     parser.add_argument("--learning_rate", type=float, default=2e-5, help="Adam learning rate.")
     parser.add_argument("--lr_scheduler", type=str, default="constant", help="diffusers.optimization scheduler name.")
@@ -75,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the tuned weights; Phase 1, evaluation and the output use it.")
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay.")
-    parser.add_argument("--use_lora", action="store_true", help="Tune a LoRA adapter (peft) instead of all weights; the teacher is the model with the adapter off.")
+    parser.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=None, help="Tune a LoRA adapter (peft) instead of all weights; the teacher is the model with the adapter off (default: on for text-to-image pipelines, off otherwise; --no-use_lora turns it off).")
     parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank.")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (default: the rank).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Mixed precision (default: accelerate's config).")
@@ -102,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: the output folder's name).")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
-    return parser
+    return add_text_to_image_arguments(parser)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -129,6 +137,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.divergence_patience < 1 or args.checkpointing_steps < 1:
         raise ValueError("--divergence_patience and --checkpointing_steps must be ≥ 1; got "
                          f"{args.divergence_patience} and {args.checkpointing_steps}")
+    if args.prompts_file:
+        check_text_to_image_arguments(args)
 
 
 # --- state that travels in a checkpoint ----------------------------------------------------------
@@ -164,6 +174,21 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 # --- data ---------------------------------------------------------------------------------------
+class Conditioning:
+    """Rows of model keyword arguments that the training and evaluation paths cycle over: class labels
+    (`{"class_labels": …}`), or encoded prompts with, for guidance, their negative prompts (`uncond`)."""
+
+    def __init__(self, cond: dict, uncond: Optional[dict] = None):
+        self.cond, self.uncond = cond, uncond
+
+    def __len__(self) -> int:
+        return len(next(iter(self.cond.values())))
+
+    def rows(self, idx: torch.Tensor) -> dict:
+        """The denoiser's `cond` (and `uncond`) keyword arguments for rows `idx` (taken modulo the row count)."""
+        return extra_args(self.cond, self.uncond, idx)
+
+
 def load_conditioning(path: Optional[str], device) -> Optional[torch.Tensor]:
     """Class labels from a file (one integer per line) for class-conditional models."""
     if path is None:
@@ -173,23 +198,16 @@ def load_conditioning(path: Optional[str], device) -> Optional[torch.Tensor]:
     try:
         return torch.tensor([int(v) for v in lines], device=device)
     except ValueError:
-        raise ValueError(f"{path}: expected one integer class label per line; text prompts need a "
-                         "text-conditional pipeline, which this script does not drive yet") from None
-
-
-def _cond(labels: Optional[torch.Tensor], batch: int, generator: torch.Generator) -> Optional[dict]:
-    if labels is None:
-        return None
-    pick = torch.randint(len(labels), (batch,), generator=generator)
-    return {"class_labels": labels[pick.to(labels.device)]}
+        raise ValueError(f"{path}: expected one integer class label per line; for a text-to-image pipeline pass "
+                         "the prompts with --prompts_file instead") from None
 
 
 # --- phases -------------------------------------------------------------------------------------
 def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
-               labels: Optional[torch.Tensor] = None, teacher: Optional[SigmaDenoiser] = None) -> Dict[str, List[float]]:
+               rows: Optional[Conditioning] = None, teacher: Optional[SigmaDenoiser] = None) -> Dict[str, List[float]]:
     """Phase 1 on the current model: one learned table per NFE, starting from `init` ({nfe: table}) or
-    `--phase1_init`, fitted to the `teacher`'s reference solutions (the model's own when None); class
-    labels (if any) are cycled over the training paths."""
+    `--phase1_init`, fitted to the `teacher`'s reference solutions (the model's own when None); the conditioning
+    rows (class labels, or prompts with their negative prompts) are cycled over the training paths."""
     from .optimizer import optimize_schedule
 
     # the table of a fixed solver, learned on from the previous round's (σ_N−1 free, no held-out selection)
@@ -199,35 +217,39 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
                                init={int(k): v for k, v in init.items()} if init else args.phase1_init,
                                reference_steps=args.reference_steps, pool_size=args.phase1_pool_size,
                                seed=args.seed + 1000 * round_, device=device, progress=False,
-                               cond=None if labels is None else {"class_labels": labels}, reference_denoiser=teacher)
+                               cond=None if rows is None else rows.cond, uncond=None if rows is None else rows.uncond,
+                               reference_denoiser=teacher)
     return {str(n): [float(s) for s in result.tables[n]] for n in args.nfe}
 
 
 @torch.no_grad()
 def build_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, generator: torch.Generator, device,
-               labels: Optional[torch.Tensor] = None) -> dict:
-    """`size` teacher trajectories at the scheduled σ's (and their conditioning)."""
-    states, conds = [], []
+               rows: Optional[Conditioning] = None) -> dict:
+    """`size` teacher trajectories at the scheduled σ's, `states`, and the conditioning row of each, `rows`
+    (a random draw; an index, so that prompt encodings are not copied per trajectory)."""
+    states, picks = [], []
     for start in range(0, size, args.pool_batch_size):
         n = min(args.pool_batch_size, size - start)
         noise = torch.randn((n, *args.sample_shape), generator=generator).to(device)
-        cond = _cond(labels, n, generator)
-        states.append(teacher_states(teacher, noise, sigmas, args.reference_steps, cond=cond))
-        conds.append(cond)
+        pick = None if rows is None else torch.randint(len(rows), (n,), generator=generator)
+        extra = {} if rows is None else rows.rows(pick)
+        states.append(teacher_states(teacher, noise, sigmas, args.reference_steps, **extra))
+        picks.append(pick)
     pool = {"states": torch.cat(states, 1)}
-    if labels is not None:
-        pool["cond"] = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    if rows is not None:
+        pool["rows"] = torch.cat(picks)
     return pool
 
 
 # --- the run ------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> str:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     from .hub import load_model_and_scheduler_config
+    from .text_to_image_training import half_precision_base, has_text_encoder, load_training_pipeline
 
     check_args(args)
     args.start_time = time.time()
@@ -239,17 +261,29 @@ def main(args: argparse.Namespace) -> str:
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)  # the global RNGs (the LoRA adapter's initial weights); every other draw has its own generator
     device = accelerator.device
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    # 1. model, frozen teacher, EMA, optimiser
-    model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
-    size = model.config.sample_size
-    args.sample_shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    # 1. model (of a text-to-image pipeline: with the prompts encoded, guided), frozen teacher, EMA, optimiser
+    t2i = None
+    if args.prompts_file or has_text_encoder(args.pretrained_model_name_or_path):
+        t2i = load_training_pipeline(args, device, need_images=max(args.denoising_weight) > 0)
+        model, base_config, args.sample_shape = t2i.model, t2i.encoded.scheduler_config, t2i.encoded.sample_shape
+    else:
+        model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
+        size = model.config.sample_size
+        args.sample_shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    args.use_lora = t2i is not None if args.use_lora is None else args.use_lora
+    args.clamp_samples = t2i is None  # images in [-1, 1]; latents are not clamped
     if args.use_lora:
         model.requires_grad_(False)
-        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+        targets = None if t2i is None else lora_target_modules(model, TEXT_TO_IMAGE_LORA_MODULES, (torch.nn.Linear,))
+        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
+                         in_place=t2i is not None)
+        if t2i is not None and accelerator.mixed_precision in ("fp16", "bf16"):
+            half_precision_base(model, accelerator.mixed_precision)
     teacher_module = make_teacher(model, args.use_lora).to(device)
     model.to(device).train()
     _speed_options(accelerator, model, teacher_module, args)
@@ -263,6 +297,8 @@ def main(args: argparse.Namespace) -> str:
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max(1, total_steps) * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if args.use_lora:
+        adapter_only_checkpoints(accelerator, accelerator.unwrap_model(model))
     state = TrainState()
     if ema is not None:
         ema.to(device)
@@ -271,16 +307,20 @@ def main(args: argparse.Namespace) -> str:
     if accelerator.is_main_process:
         accelerator.init_trackers("fewstep", config={k: str(v) for k, v in vars(args).items()})
 
-    student = SigmaDenoiser(model, base_config)
+    denoiser = t2i.denoiser if t2i is not None else (lambda m: SigmaDenoiser(m, base_config))
+    student = denoiser(model)
     unwrapped = accelerator.unwrap_model(model)
-    tuned = SigmaDenoiser(unwrapped, base_config)  # for Phase 1 and evaluation, with the EMA weights
-    teacher = SigmaDenoiser(teacher_module, base_config)
+    tuned = denoiser(unwrapped)  # for Phase 1 and evaluation, with the EMA weights
+    teacher = denoiser(teacher_module)
     labels = load_conditioning(args.conditioning_file, device)
+    rows = None if labels is None else Conditioning({"class_labels": labels})
     data = None
     if args.train_data_dir and labels is not None:
         raise ValueError("--train_data_dir with --conditioning_file: dataset labels are not read; leave out "
                          "--train_data_dir (the denoising loss then uses the teacher's labelled samples)")
-    if args.train_data_dir:
+    if t2i is not None:
+        rows, data = Conditioning(t2i.encoded.cond, t2i.encoded.uncond), t2i.latents  # latent k has prompt k
+    elif args.train_data_dir:
         data = load_images(args.train_data_dir, args.sample_shape)
 
     # 2. resume, and the fixed evaluation set (teacher references)
@@ -289,7 +329,7 @@ def main(args: argparse.Namespace) -> str:
         set_learning_rate(accelerator, optimizer, lr_scheduler, args.learning_rate)
     if ema is not None:
         ema.to(device)
-    ev = _eval_set(teacher, args, device, labels) if accelerator.is_main_process and args.eval_samples > 0 else None
+    ev = _eval_set(teacher, args, device, rows) if accelerator.is_main_process and args.eval_samples > 0 else None
 
     # 3. alternate the phases; a signal or an error saves a checkpoint before the run ends (checkpoints.py)
     evaluate = lambda: _record(accelerator, state, "phase2", tuned, ev, args)  # noqa: E731
@@ -298,7 +338,7 @@ def main(args: argparse.Namespace) -> str:
         try:
             while True:
                 if state.phase == 1:
-                    tables = _phase1(accelerator, args, state, tuned, teacher, ema, labels, broadcast_object_list)
+                    tables = _phase1(accelerator, args, state, tuned, teacher, ema, rows, broadcast_object_list)
                     guard.unsaved()
                     state.tables, state.phase, state.step_in_phase, state.divergence = tables, 2, 0, {}
                     if accelerator.is_main_process:
@@ -308,7 +348,7 @@ def main(args: argparse.Namespace) -> str:
                 if state.round >= args.rounds:
                     break
                 if _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data,
-                           labels, guard, evaluate if accelerator.is_main_process else None):
+                           rows, guard, evaluate if accelerator.is_main_process else None):
                     accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
                     return args.output_dir
                 if accelerator.is_main_process and not (args.eval_steps and state.global_step % args.eval_steps == 0):
@@ -321,7 +361,7 @@ def main(args: argparse.Namespace) -> str:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 counts = compare_step_counts(args, state, tuned, teacher, ema, ev) if ev and args.rounds > 0 else []
-                save_output(args, state, unwrapped, ema, base_config, counts)
+                save_output(args, state, unwrapped, ema, base_config, counts, t2i)
                 if args.push_to_hub:
                     push_to_hub(args)
         except TrainingStopped as stop:
@@ -364,20 +404,20 @@ def _trainable(model) -> list:
 
 
 def _generate(denoiser: SigmaDenoiser, noise: torch.Tensor, sigmas, solver: str, args,
-              labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`evaluation.generate` in batches; sample k gets class label `labels[k % len(labels)]`."""
+              rows: Optional[Conditioning] = None) -> torch.Tensor:
+    """`evaluation.generate` in batches; sample k gets conditioning row `k % len(rows)`."""
     from .evaluation import generate
 
     out = []
     for start in range(0, len(noise), args.pool_batch_size):
         chunk = noise[start: start + args.pool_batch_size]
-        extra = None if labels is None else {
-            "cond": {"class_labels": labels[torch.arange(start, start + len(chunk), device=labels.device) % len(labels)]}}
-        out.append(generate(denoiser, chunk, sigmas, solver, len(chunk), extra_args=extra))
+        extra = None if rows is None else rows.rows(torch.arange(start, start + len(chunk)))
+        out.append(generate(denoiser, chunk, sigmas, solver, len(chunk), extra_args=extra,
+                            clamp=getattr(args, "clamp_samples", True)))
     return torch.cat(out)
 
 
-def _eval_set(teacher: SigmaDenoiser, args, device, labels: Optional[torch.Tensor] = None) -> dict:
+def _eval_set(teacher: SigmaDenoiser, args, device, rows: Optional[Conditioning] = None) -> dict:
     """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples and, with
     `--fd_classifier`, the feature network and the reference statistics for FD."""
     from .evaluation import REFERENCE_SOLVER, extract_features, feature_statistics, fmnist_images
@@ -386,8 +426,8 @@ def _eval_set(teacher: SigmaDenoiser, args, device, labels: Optional[torch.Tenso
     noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
                        device=device)
     reference = _generate(teacher, noise[: args.eval_samples], reference_sigmas(teacher.schedule, args.reference_steps),
-                          REFERENCE_SOLVER, args, labels)
-    ev = {"noise": noise, "reference": reference, "labels": labels}
+                          REFERENCE_SOLVER, args, rows)
+    ev = {"noise": noise, "reference": reference, "rows": rows}
     if args.fd_classifier:
         ev["net"] = load_fmnist_classifier(args.fd_classifier, device)
         ev["stats"] = feature_statistics(extract_features(ev["net"], fmnist_images(args.fd_data).to(device)))
@@ -398,7 +438,7 @@ def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dic
     """Endpoint RMSE against the base model's reference solve (and FD) of samples from the evaluation noises."""
     from .evaluation import endpoint_rmse, extract_features, frechet_distance
 
-    samples = _generate(denoiser, ev["noise"], sigmas, solver, args, ev["labels"])
+    samples = _generate(denoiser, ev["noise"], sigmas, solver, args, ev["rows"])
     scores = {"rmse": round(endpoint_rmse(samples[: args.eval_samples], ev["reference"]), 5)}
     if "net" in ev:
         scores["fd"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
@@ -460,21 +500,21 @@ def compare_step_counts(args, state: TrainState, tuned: SigmaDenoiser, base: Sig
     return rows
 
 
-def _phase1(accelerator, args, state, tuned, teacher, ema, labels, broadcast_object_list) -> Dict[str, List[float]]:
+def _phase1(accelerator, args, state, tuned, teacher, ema, rows, broadcast_object_list) -> Dict[str, List[float]]:
     """Phase 1 on the main process (with the EMA weights); returns the tables, broadcast to every process."""
     tables = [None]
     if accelerator.is_main_process:
         with ema_weights(ema, _trainable(tuned.model)):
             t0 = time.time()
             tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or None,
-                                   labels=labels, teacher=teacher)
+                                   rows=rows, teacher=teacher)
             logger.info("round %d phase 1: %.1f s, tables %s", state.round, time.time() - t0, tables[0])
     if accelerator.num_processes > 1:
         tables = broadcast_object_list(tables)
     return tables[0]
 
 
-def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, labels, guard,
+def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, rows, guard,
             evaluate=None) -> bool:
     """Phase 2 of the current round from `state.step_in_phase`; True if `--stop_after_steps` stopped it.
 
@@ -486,7 +526,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
     tables = {n: torch.tensor(state.tables[str(n)], dtype=torch.float32, device=device) for n in args.nfe}
     share = math.ceil(args.pool_size / accelerator.num_processes)
     with accelerator.autocast():
-        pools = {n: build_pool(teacher, tables[n], share, args, _generator(args.seed, state.round, n, rank), device, labels)
+        pools = {n: build_pool(teacher, tables[n], share, args, _generator(args.seed, state.round, n, rank), device, rows)
                  for n in args.nfe}
     weights = args.denoising_weight if len(args.denoising_weight) > 1 else args.denoising_weight[0]
     model.train()
@@ -499,12 +539,17 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
             gen = _generator(args.seed, state.round, micro, rank, 1)
             pick = torch.randint(pool["states"].shape[1], (args.train_batch_size,), generator=gen).to(device)
             states = pool["states"][:, pick]
-            cond = None if "cond" not in pool else {key: v[pick] for key, v in pool["cond"].items()}
-            x0 = states[-1] if data is None else data[torch.randint(len(data), (len(pick),), generator=gen)].to(device)
+            row = None if rows is None else pool["rows"][pick.cpu()]
+            if data is None:  # the teacher's own samples
+                x0 = states[-1]
+            elif rows is not None:  # captioned images: the latent of each trajectory's own prompt
+                x0 = data[row.to(data.device)].to(device)
+            else:
+                x0 = data[torch.randint(len(data), (len(pick),), generator=gen)].to(device)
             with accelerator.accumulate(model):
                 loss, logs = phase2_loss(student, states, tables[n], args.phase2_target, args.solver, x0=x0,
                                          denoising_weights=weights, step_weighting=args.phase2_step_weighting,
-                                         generator=gen, cond=cond)
+                                         generator=gen, **({} if rows is None else rows.rows(row)))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -533,19 +578,26 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
 
 
 # --- output -------------------------------------------------------------------------------------
-def save_output(args, state: TrainState, model, ema, base_config: dict, step_counts: Optional[List[dict]] = None) -> None:
-    """scheduler/, unet/ or unet_lora/, metrics.json, sigmas.png and README.md in `args.output_dir`;
-    `step_counts` are the rows of :func:`compare_step_counts`."""
+def save_output(args, state: TrainState, model, ema, base_config: dict, step_counts: Optional[List[dict]] = None,
+                t2i=None) -> None:
+    """scheduler/, unet/ or unet_lora/ (text-to-image: the LoRA in diffusers' format), metrics.json, sigmas.png and
+    README.md in `args.output_dir`; `step_counts` are the rows of :func:`compare_step_counts`, `t2i` the
+    :class:`~diffusers_fewstep.text_to_image_training.TrainingPipeline` of a text-to-image run."""
     from .model_card import save_model_card
     from .scheduler import LearnedScheduleScheduler
+    from .text_to_image_training import save_lora
 
     provenance = {"base_model": args.pretrained_model_name_or_path, "phase1_objective": args.phase1_objective,
                   "phase2_target": args.phase2_target, "rounds": args.rounds, "phase2_steps": args.phase2_steps,
                   "use_lora": args.use_lora, "metrics": state.metrics}
+    if t2i is not None:
+        provenance["text_to_image"] = t2i.provenance()
     scheduler = LearnedScheduleScheduler.from_config(dict(base_config), sigma_tables=state.tables, solver=args.solver,
                                                      provenance=provenance)
     with ema_weights(ema, _trainable(model)):
-        if args.rounds > 0 and args.use_lora:
+        if args.rounds > 0 and args.use_lora and t2i is not None:
+            save_lora(t2i, model, args.output_dir)
+        elif args.rounds > 0 and args.use_lora:
             model.save_pretrained(os.path.join(args.output_dir, "unet_lora"))
         elif args.rounds > 0:
             _save_pipeline(model, scheduler, args)
@@ -555,7 +607,8 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
                                                                              if not k.startswith("hub_token")}}, f, indent=1)
     save_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path, tables=state.tables,
                     metrics=state.metrics, solver=args.solver, use_lora=args.use_lora, tuned=args.rounds > 0,
-                    hub_model_id=args.hub_model_id, step_counts=step_counts)
+                    hub_model_id=args.hub_model_id, step_counts=step_counts,
+                    text_to_image=None if t2i is None else t2i.provenance())
 
 
 def _save_pipeline(model, scheduler, args) -> None:
