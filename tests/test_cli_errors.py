@@ -76,7 +76,8 @@ def test_output_path_is_a_file(capsys, tmp_path):
         f"diffusers-fewstep: error: --output-dir {out}: {out} is a file, not a folder; pass a folder path")
     assert _error(capsys, ["train", "--output_dir", str(out / "sub")]) == (
         f"diffusers-fewstep: error: --output_dir {out / 'sub'}: {out} is a file, not a folder; pass a folder path")
-    assert _error(capsys, ["benchmark", "--device", "cpu", "--out-dir", str(out)]) == (
+    assert _error(capsys, ["benchmark", "--device", "cpu", "--classifier", str(tmp_path), "--data", str(tmp_path),
+                           "--out-dir", str(out)]) == (
         f"diffusers-fewstep: error: --out-dir {out}: {out} is a file, not a folder; pass a folder path")
 
 
