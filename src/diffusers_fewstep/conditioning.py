@@ -144,14 +144,19 @@ def load_text_to_image(path_or_id: str, prompts: Sequence[str], negative_prompt:
         from_pretrained_kwargs["torch_dtype"] = torch_dtype
     pipe = DiffusionPipeline.from_pretrained(path_or_id, **from_pretrained_kwargs)
     result = encode_text_to_image(pipe, prompts, negative_prompt, guidance_scale, height, width, device, batch_size)
-    for name in TEXT_ENCODERS:  # the encodings are all the optimiser needs
+    release(pipe, TEXT_ENCODERS, device)  # the encodings are all the optimiser needs
+    return result
+
+
+def release(pipe, names: Sequence[str], device) -> None:
+    """Drop the pipeline components `names` (e.g. the text encoders once the prompts are encoded) and free their
+    memory."""
+    for name in names:
         if getattr(pipe, name, None) is not None:
             setattr(pipe, name, None)
-    del pipe
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 @torch.no_grad()

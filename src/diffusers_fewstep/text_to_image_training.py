@@ -24,7 +24,6 @@ Tested on Stable Diffusion, SDXL and SD3 (`tests/test_train_text_to_image.py`); 
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from .adapter import SigmaDenoiser
-from .conditioning import (DEFAULT_COLUMN, TEXT_ENCODERS, FluxSigmaDenoiser, TextToImage, _column, _read_rows,
+from .conditioning import (DEFAULT_COLUMN, TEXT_ENCODERS, FluxSigmaDenoiser, TextToImage, _column, _read_rows, release,
                            encode_text_to_image, read_prompts)
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # diffusers' imagefolder convention
@@ -182,13 +181,8 @@ def load_training_pipeline(args: argparse.Namespace, device, need_images: bool) 
                              "--denoising_weight 0 (the teacher's own samples are used without --train_data_dir)")
         latents = encode_images(pipe.vae, files, encoded.height, encoded.width, work).to(device)
     pipeline_class, model = type(pipe), getattr(pipe, component)
-    for name in (*TEXT_ENCODERS, "vae"):  # frozen, used once: the encodings are all training needs
-        if getattr(pipe, name, None) is not None:
-            setattr(pipe, name, None)
+    release(pipe, (*TEXT_ENCODERS, "vae"), device)  # frozen, used once: the encodings are all training needs
     del pipe
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
     uncond = encoded.uncond
     if uncond is not None and all(torch.equal(v, v[:1].expand_as(v)) for v in uncond.values()):
         uncond = {k: v[:1] for k, v in uncond.items()}  # one negative prompt for all: one row, broadcast
