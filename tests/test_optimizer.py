@@ -179,6 +179,8 @@ def test_bad_arguments(gm):
         optimize_schedule(gm, nfes=[4], method="fixed_point", objective="trajectory")
     with pytest.raises(ValueError, match="unknown objective"):
         optimize_schedule(gm, nfes=[4], objective="lpips")
+    with pytest.raises(ValueError, match="unknown selection measure"):
+        optimize_schedule(gm, nfes=[4], select_by="fid")
     with pytest.raises(ValueError, match="unknown solver"):
         optimize_schedule(gm, nfes=[4], solver="heun3")
 

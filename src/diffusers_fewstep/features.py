@@ -85,19 +85,27 @@ class ModelFeatures:
         return [m.float() for m in captured]
 
 
-def feature_distance(features: ModelFeatures, x: torch.Tensor, reference: torch.Tensor, noise: torch.Tensor,
-                     cond: Optional[dict] = None) -> torch.Tensor:
-    """Per-sample LPIPS-style distance in the model's features between `x` and `reference` (σ-space, same
-    shape), both shown at σ_f with the same noise: mean over layers of the positions' mean
-    ‖f̂/‖f̂‖ − f/‖f‖‖² (0 for identical images, at most 4). Differentiable in `x`."""
+def compare(features: ModelFeatures, x: torch.Tensor, reference: torch.Tensor, noise: torch.Tensor,
+            cond: Optional[dict] = None):
+    """One model call on `x` and `reference` (σ-space, same shape), both shown at σ_f with the same noise; returns
+    the per-sample LPIPS-style distance in the model's features — mean over layers of the positions' mean
+    ‖f̂/‖f̂‖ − f/‖f‖‖² (0 for identical images, at most 4), differentiable in `x` — and the pooled features of
+    `x` (as :func:`pooled_features`)."""
     both = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in (cond or {}).items()} or None
     maps = features.maps(torch.cat([x, reference.to(x.dtype)]), torch.cat([noise, noise]), both)
-    total = 0.0
+    total, pooled = 0.0, []
     for m in maps:
+        pooled.append(m.chunk(2)[0].mean(1))
         unit = m / (m.norm(dim=-1, keepdim=True) + 1e-6)
         a, b = unit.chunk(2)
         total = total + (a - b).pow(2).sum(-1).mean(-1)
-    return total / len(maps)
+    return total / len(maps), torch.cat(pooled, dim=1)
+
+
+def feature_distance(features: ModelFeatures, x: torch.Tensor, reference: torch.Tensor, noise: torch.Tensor,
+                     cond: Optional[dict] = None) -> torch.Tensor:
+    """Per-sample LPIPS-style distance in the model's features between `x` and `reference` (see :func:`compare`)."""
+    return compare(features, x, reference, noise, cond)[0]
 
 
 def pooled_features(features: ModelFeatures, x: torch.Tensor, noise: torch.Tensor,

@@ -33,7 +33,7 @@ from . import learning, objectives
 from .learning import MonotoneSigmas  # noqa: F401  (part of this module's API)
 from .reference import REFERENCE_SOLVER
 from .schedules import baseline_sigmas, stock_tables, validate_sigmas
-from .selection import Candidate, Paths, best, score
+from .selection import MEASURES, Candidate, Paths, best, score
 from .solvers import SOLVERS, canonical_solver
 
 logger = logging.getLogger(__name__)
@@ -272,6 +272,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                          "objective='bound_propagated' (or 'bound'), or method='adam' for 'trajectory'")
     if loss not in objectives.LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {list(objectives.LOSSES)}")
+    if select_by not in MEASURES:
+        raise ValueError(f"unknown selection measure {select_by!r}; choose one of {list(MEASURES)}")
     if not validation_size and solver == "auto":
         raise ValueError("solver='auto' picks the solver on held-out noises; give validation_size > 0 or a solver")
     nfes = [int(nfes)] if isinstance(nfes, int) else [int(n) for n in nfes]

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import reference
-from .features import frechet_distance, pooled_features
+from .features import compare, frechet_distance, pooled_features
 from .objectives import endpoint_loss
 from .solvers import sample
 
@@ -113,10 +113,10 @@ def score(model_fn, paths: Paths, table, solver: str, batch_size: int, features=
         x = reference.start_state(paths.noise[dev], model_fn.schedule, sigmas[0])
         x = sample(model_fn, x, sigmas, solver, extra_args=extra).float()
         rmse.append(endpoint_loss(x, paths.reference[dev]).sqrt())
-        if features is not None:
-            dist.append(endpoint_loss(x, paths.reference[dev], "feature", features, paths.path_noise[dev],
-                                      extra.get("cond")))
-            pooled.append(pooled_features(features, x, paths.path_noise[dev], extra.get("cond")))
+        if features is not None:  # one model call gives both feature measures
+            d, p = compare(features, x, paths.reference[dev], paths.path_noise[dev], extra.get("cond"))
+            dist.append(d)
+            pooled.append(p)
     out = {"rmse": float(torch.cat(rmse).mean())}
     if features is not None:
         out["feature"] = float(torch.cat(dist).mean())
