@@ -3,6 +3,7 @@
 #   bash benchmarks/phase1_gpu.sh train fixture     # train the small v-prediction and flow models; Phase 1 on the fixture
 #   bash benchmarks/phase1_gpu.sh vpred flow        # Phase 1 on those models (kept in .gpu_work/ or carried in .stage/models)
 #   bash benchmarks/phase1_gpu.sh t2i-sd t2i-sd3    # train and score the tiny text-to-image fixtures (benchmarks/t2i)
+#   bash benchmarks/phase1_gpu.sh t2i-learned-sd    # optimize on assets/fmnist-t2i-sd from its prompts, score beside stock
 #   bash benchmarks/phase1_gpu.sh bench-fixture diag-fixture   # benchmark / diagnostics of a run carried in .stage/runs
 # A model stage runs, with default settings:
 #   diffusers-fewstep optimize --model M --nfe 3 4 5 6 8 10 --output-dir RUN
@@ -104,6 +105,19 @@ diag() {  # diagnostics only, on a run carried in .stage/runs/<name>
   pack "$name" "diag-$name"
 }
 
+t2i_learned() {  # learn tables for the vendored SD-style fixture from its prompts, then score them beside the stock rows
+  local dir="$W/t2i" nfes=${T2I_NFES:-"3 4 6 8"}
+  mkdir -p "$dir"
+  $CLI optimize --model assets/fmnist-t2i-sd --prompts-file examples/prompts/fmnist_t2i.txt --guidance-scale 5 \
+    --nfe $nfes --output-dir "$dir/learned-sd" --quiet ${OPT_ARGS:-} > "$W/logs/t2i-optimize-sd.log" 2>&1
+  stamp "t2i optimize sd: rc $?"; tail -8 "$W/logs/t2i-optimize-sd.log"
+  python3 benchmarks/t2i/evaluate_t2i.py --pipeline assets/fmnist-t2i-sd --scheduler-folder "$dir/learned-sd" \
+    --classifier .stage/fmnist-classifier --data .stage/fashion-mnist --n "${T2I_N:-2000}" --guidance 5 --nfes $nfes \
+    --out "$dir/eval-learned-sd" > "$W/logs/t2i-eval-learned-sd.log" 2>&1
+  stamp "t2i learned sd evaluated: rc $?"; cat "$dir/eval-learned-sd/results.md" 2>/dev/null | head -40
+  tar czf "$OUT/t2i-learned-sd.tar.gz" -C "$dir" learned-sd eval-learned-sd -C "$PWD/$W/logs" t2i-optimize-sd.log t2i-eval-learned-sd.log
+}
+
 pack() {  # this stage's runs, benchmark, diagnostics and logs, as far as they got
   tar czf "$OUT/phase1-${2:-$1}.tar.gz" -C "$W" $(cd "$W" && ls -d runs/$1 bench/$1 diag/$1.json 2>/dev/null) logs
 }
@@ -115,6 +129,7 @@ for stage in "$@"; do
       train_model vpred --beta squaredcos_cap_v2 --pred v_prediction &
       train_model flow --pred flow --shift 3.0 &
       ;;
+    t2i-learned-sd) t2i_learned & ;;
     t2i-sd|t2i-sd3) t2i "${stage#t2i-}" & ;;
     bench-*) bench "${stage#bench-}" & ;;
     peers-fixture)  # the re-implemented optimisers beside two diffusers rows, in their own process
@@ -128,7 +143,7 @@ done
 while [ -n "$(jobs -rp)" ] && [ $(( $(date +%s) - T0 )) -lt "${DEADLINE:-560}" ]; do sleep 5; done
 if [ -n "$(jobs -rp)" ]; then
   stamp "deadline: stopping $(jobs -rp | wc -l) stage(s) and packing what they wrote"
-  for stage in "$@"; do case $stage in train|t2i-*) ;; bench-*|diag-*) pack "${stage#*-}" "$stage" ;; *) pack "$stage" ;; esac; done
+  for stage in "$@"; do case $stage in t2i-learned-sd) tar czf "$OUT/t2i-learned-sd.tar.gz" -C "$W" t2i logs ;; train|t2i-*) ;; bench-*|diag-*) pack "${stage#*-}" "$stage" ;; *) pack "$stage" ;; esac; done
   kill $(jobs -rp) 2>/dev/null
 fi
 stamp "done"

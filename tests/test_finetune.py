@@ -119,10 +119,31 @@ def _endpoint_error(student, noise, table, reference):
         return float((solvers.sample(student, x, table, "euler") - reference).pow(2).mean().sqrt())
 
 
-@pytest.mark.parametrize("target", ["interval_average", "trajectory"])
-def test_phase2_learns_its_target_and_cuts_the_few_step_error(target):
-    """25 Adam steps of either target cut its held-out loss and the 4-step endpoint error against
-    the teacher's reference."""
+def test_pseudo_huber_phase2_loss_and_its_step_weights():
+    """pseudo_huber: per step √(MSE + c²) − c of the same D errors as l2, weighted by the square roots of the
+    propagated weights (the distance grows like the RMS error)."""
+    table = torch.tensor([10.0, 2.0, 0.5, 0.0])
+    states = torch.randn(4, 6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    student = lambda x, sigma, cond=None: 0.5 * x  # noqa: E731
+    _, l2 = phase2_loss(student, states, table, "interval_average", step_weighting="uniform")
+    _, ph = phase2_loss(student, states, table, "interval_average", step_weighting="uniform", loss="pseudo_huber")
+    targets = [step_target("euler", states[i], table, i, None, states[i + 1]) for i in range(3)]
+    mse = [(0.5 * states[i] - targets[i]).pow(2).flatten(1).mean(1) for i in range(3)]
+    c = 0.00054
+    for i in range(3):
+        assert l2[f"step_{i}"] == pytest.approx(float(mse[i].mean()), rel=1e-5)
+        assert ph[f"step_{i}"] == pytest.approx(float(((mse[i] + c * c).sqrt() - c).mean()), rel=1e-5)
+    total, _ = phase2_loss(student, states, table, "interval_average", loss="pseudo_huber")
+    w = step_loss_weights(table).sqrt()
+    assert float(total) == pytest.approx(sum(float(w[i]) * ph[f"step_{i}"] for i in range(3)) / 3, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown Phase-2 loss 'l1'"):
+        phase2_loss(student, states, table, loss="l1")
+
+
+@pytest.mark.parametrize("target,loss", [("interval_average", "l2"), ("trajectory", "l2"), ("trajectory", "pseudo_huber")])
+def test_phase2_learns_its_target_and_cuts_the_few_step_error(target, loss):
+    """25 Adam steps of either target (and either distance) cut its held-out loss and the 4-step endpoint error
+    against the teacher's reference."""
     teacher = SigmaDenoiser(make_teacher(tiny_unet(), use_lora=False), CONFIG)
     student = SigmaDenoiser(tiny_unet(), CONFIG)
     table = four_step_table(teacher.schedule)
@@ -133,15 +154,15 @@ def test_phase2_learns_its_target_and_cuts_the_few_step_error(target):
 
     def held_loss():
         with torch.no_grad():
-            return float(phase2_loss(student, held, table, target)[0])
+            return float(phase2_loss(student, held, table, target, loss=loss)[0])
 
     loss_before, error_before = held_loss(), _endpoint_error(student, held_noise, table, held[-1])
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     for step in range(25):
         pick = torch.randint(128, (32,), generator=gen)
-        loss, logs = phase2_loss(student, pool[:, pick], table, target, denoising_weights=None)
+        value, logs = phase2_loss(student, pool[:, pick], table, target, denoising_weights=None, loss=loss)
         opt.zero_grad()
-        loss.backward()
+        value.backward()
         opt.step()
     assert set(logs) >= {"step_0", "step_3", "target_loss"}
     assert held_loss() < 0.7 * loss_before

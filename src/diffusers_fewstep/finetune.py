@@ -36,9 +36,11 @@ from torch import nn
 
 from . import solvers
 from .adapter import _bcast
+from .objectives import endpoint_loss
 from .reference import trajectory
 
 PHASE2_TARGETS = ("interval_average", "trajectory")
+PHASE2_LOSSES = ("l2", "pseudo_huber")
 # layers of diffusers UNets that get LoRA adapters: attention projections, resnet convolutions,
 # time-embedding projections (peft matches these as suffixes of module names)
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj", "proj_in", "proj_out")
@@ -116,9 +118,16 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
+def _distance(a: torch.Tensor, b: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-sample distance of the Phase-2 target losses: `l2` or `pseudo_huber` (:func:`objectives.endpoint_loss`)."""
+    if loss not in PHASE2_LOSSES:
+        raise ValueError(f"unknown Phase-2 loss {loss!r}; choose one of {list(PHASE2_LOSSES)}")
+    return endpoint_loss(a.float(), b.float(), loss)
+
+
 def interval_average_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor,
                           cond: Optional[dict] = None, step_weights=None,
-                          uncond: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                          uncond: Optional[dict] = None, loss: str = "l2") -> Tuple[torch.Tensor, torch.Tensor]:
     """Target (a): at the teacher's states x(σ_i), D_θ should equal the teacher's interval average.
 
     All N steps go through the student in one batch. Returns (loss, per-step losses).
@@ -128,15 +137,15 @@ def interval_average_loss(student: Callable, states: torch.Tensor, sigmas: torch
     targets = torch.stack([step_target("euler", states[i], sigmas, i, None, states[i + 1]) for i in range(n)])
     x = states[:n].flatten(0, 1)
     sigma = sigmas[:n].repeat_interleave(batch)
-    per_sample = _mse(student(x, sigma, **_kwargs(_repeat_rows(cond, n), _repeat_rows(uncond, n))),
-                      targets.flatten(0, 1)).view(n, batch)
+    per_sample = _distance(student(x, sigma, **_kwargs(_repeat_rows(cond, n), _repeat_rows(uncond, n))),
+                           targets.flatten(0, 1), loss).view(n, batch)
     per_step = per_sample.mean(1)
     return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
 
 
 def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str = "euler",
                     cond: Optional[dict] = None, step_weights=None,
-                    uncond: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    uncond: Optional[dict] = None, loss: str = "l2") -> Tuple[torch.Tensor, torch.Tensor]:
     """Target (b): along the student's own few-step solve x̂_0 → … → x̂_N, D_θ(x̂_i; σ_i) should
     make the step land on the teacher's x(σ_{i+1}). The solve itself is not back-propagated
     through (each step's D is detached before advancing). Returns (loss, per-step losses)."""
@@ -145,7 +154,7 @@ def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tenso
     for i in range(n):
         target = step_target(solver, x, sigmas, i, state, states[i + 1])
         denoised = student(x, sigmas[i], **_kwargs(cond, uncond))
-        losses.append(_mse(denoised, target).mean())
+        losses.append(_distance(denoised, target, loss).mean())
         x, state = solvers.step(solver, x, denoised.detach().to(x.dtype), sigmas, i, state)
     per_step = torch.stack(losses)
     return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
@@ -173,7 +182,8 @@ def denoising_loss(student: Callable, x0: torch.Tensor, sigmas: torch.Tensor, ge
 def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, target: str = "trajectory",
                 solver: str = "euler", x0: Optional[torch.Tensor] = None, denoising_weights=None,
                 step_weights=None, step_weighting: str = "propagated", generator: Optional[torch.Generator] = None,
-                cond: Optional[dict] = None, uncond: Optional[dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                cond: Optional[dict] = None, uncond: Optional[dict] = None,
+                loss: str = "l2") -> Tuple[torch.Tensor, Dict[str, float]]:
     """The Phase-2 loss for one batch of teacher trajectories.
 
     Args:
@@ -187,22 +197,25 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
         denoising_weights (`float` or `list[float]`, *optional*): λ_i of the denoising loss, one
             value or one per step; `None` or 0 turns it off.
         step_weights (`list[float]`, *optional*): weights of the N per-step target losses; default
-            from `step_weighting`.
+            from `step_weighting` (squared propagation factors; their square roots under `pseudo_huber`, whose
+            distance grows like the RMS error, not its square).
         step_weighting (`str`, *optional*, defaults to `"propagated"`): see :func:`step_loss_weights`.
         generator (`torch.Generator`, *optional*): noise for the denoising loss.
         cond (`dict`, *optional*): conditioning kwargs for the model.
         uncond (`dict`, *optional*): the unconditional kwargs of a guided student (text-to-image: the negative
             prompts); every student call, the denoising loss's included, is then guided as the teacher is.
+        loss (`str`, *optional*, defaults to `"l2"`): per-sample distance of the target losses, `"l2"` (mean
+            squared error) or `"pseudo_huber"` (√(MSE + c²) − c, arXiv 2310.14189).
 
     Returns:
         (loss, logs) with per-step losses `step_i` and the denoising term as floats.
     """
     if step_weights is None:
-        step_weights = step_loss_weights(sigmas, step_weighting)
+        step_weights = step_loss_weights(sigmas, step_weighting) ** (0.5 if loss == "pseudo_huber" else 1.0)
     if target == "interval_average":
-        loss, per_step = interval_average_loss(student, states, sigmas, cond, step_weights, uncond)
+        total, per_step = interval_average_loss(student, states, sigmas, cond, step_weights, uncond, loss)
     elif target == "trajectory":
-        loss, per_step = trajectory_loss(student, states, sigmas, solver, cond, step_weights, uncond)
+        total, per_step = trajectory_loss(student, states, sigmas, solver, cond, step_weights, uncond, loss)
     else:
         raise ValueError(f"unknown Phase-2 target {target!r}; choose one of {list(PHASE2_TARGETS)}")
     logs = {f"step_{i}": float(v) for i, v in enumerate(per_step)}
@@ -210,10 +223,10 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
         if x0 is None:
             raise ValueError("denoising_weights needs x0 (data, or the teacher's samples)")
         dn, _ = denoising_loss(student, x0, sigmas, generator, cond, denoising_weights, uncond)
-        loss = loss + dn
+        total = total + dn
         logs["denoising"] = float(dn.detach())
     logs["target_loss"] = float(per_step.mean())
-    return loss, logs
+    return total, logs
 
 
 # --- LoRA and the frozen teacher -------------------------------------------------------------

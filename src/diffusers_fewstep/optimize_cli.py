@@ -36,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, help="writes scheduler/, schedule.png, optimize_log.json")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the tables already in --output-dir even if they score better")
-    parser.add_argument("--loss", default="feature", choices=LOSSES, help="endpoint loss of the trajectory objective")
-    parser.add_argument("--select-by", default="fd_self", choices=MEASURES, help="held-out measure that keeps a table")
+    parser.add_argument("--loss", default=None, choices=LOSSES,
+                        help="endpoint loss of the trajectory objective (default: feature; l2 for text-to-image pipelines)")
+    parser.add_argument("--select-by", default=None, choices=MEASURES,
+                        help="held-out measure that keeps a table (default: fd_self; rmse for text-to-image pipelines, "
+                             "whose few-step images should match the many-step image of the same latents)")
     parser.add_argument("--objective", default="trajectory", choices=OBJECTIVES, help="what the tables minimise")
     parser.add_argument("--method", default="adam", choices=METHODS, help="adam (gradients) or fixed_point (bounds)")
     parser.add_argument("--free-last", action="store_true", help="also learn the last positive σ of each table")
@@ -131,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     existing_config = read_scheduler_tables(args.output_dir)
     t2i = load_from_args(args, device)  # a text-to-image pipeline with prompts, or None
+    args.loss = args.loss or ("l2" if t2i is not None else "feature")
+    args.select_by = args.select_by or ("rmse" if t2i is not None else "fd_self")
     if t2i is not None:
         denoiser, config, cond, uncond = t2i.denoiser, t2i.scheduler_config, t2i.cond, t2i.uncond
     else:

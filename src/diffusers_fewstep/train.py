@@ -40,7 +40,7 @@ from .adapter import SigmaDenoiser
 from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error, save_or_stop, set_learning_rate,
                           step_outcome, stop_if_diverged)
 from .data import load_images
-from .finetune import (PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, ema_weights,
+from .finetune import (PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, ema_weights,
                        lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .selection import extra_args
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--phase1_pool_size", type=int, default=None, help="Noises (with teacher references) Phase 1 draws its batches from (default: optimize_schedule's).")
     parser.add_argument("--phase1_init", type=str, default="ddim_trailing", help="Hand-made table Phase 1 starts from.")
     parser.add_argument("--phase2_target", type=str, default="trajectory", choices=list(PHASE2_TARGETS), help="Phase-2 target: the teacher's interval average at its own states, or the landing D at the solver's states.")
+    parser.add_argument("--phase2_loss", type=str, default="l2", choices=list(PHASE2_LOSSES), help="Per-sample distance of the Phase-2 target losses: squared error, or pseudo-Huber (√(MSE + c²) − c, as consistency training).")
     parser.add_argument("--phase2_step_weighting", type=str, default="propagated", choices=["propagated", "uniform"], help="Weights of the per-step losses: the squared propagation of each D error to the sample, or uniform.")
     parser.add_argument("--phase2_steps", type=int, default=1000, help="Optimiser steps of Phase 2 per round.")
     parser.add_argument("--train_batch_size", type=int, default=64, help="Trajectories per device and micro-batch.")
@@ -99,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fd_classifier", type=str, default=None, help="Feature network folder (arch.py with load_classifier); adds FD to every evaluation.")
     parser.add_argument("--fd_data", type=str, default=None, help="Folder with the Fashion-MNIST test IDX files for the FD reference statistics.")
     parser.add_argument("--fd_samples", type=int, default=5000, help="Samples per FD evaluation.")
-    parser.add_argument("--compare_nfe", type=int, nargs="*", default=[2, 3, 4, 5, 6, 8, 10], help="Step counts at which the final model is also measured with the --compare_table table, next to the base model (the reference solve is always measured).")
+    parser.add_argument("--compare_nfe", type=int, nargs="*", default=[2, 3, 4, 5, 6, 8, 10], help="Step counts at which the final model is also measured with the --compare_table table, next to the base model.")
+    parser.add_argument("--compare_reference", action=argparse.BooleanOptionalAction, default=True, help="Also measure the final and the base model with the --reference_steps reference solve (with FD: 2 × reference_steps × fd_samples model calls).")
     parser.add_argument("--compare_table", type=str, default="ddim_trailing", choices=["ddim_trailing", "ddim_leading", "karras", "loguniform"], help="Hand-made table (schedules.baseline_sigmas) for the --compare_nfe counts.")
     parser.add_argument("--channels_last", action="store_true", help="Keep the model in channels-last memory format (convolutions; see benchmarks/profile_phase2.py).")
     parser.add_argument("--compile", action="store_true", help="torch.compile the trained model: inductor on CUDA; elsewhere only dynamo's tracing (backend 'eager'), as inductor's CPU build takes minutes.")
@@ -209,7 +211,11 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
     `--phase1_init`, fitted to the `teacher`'s reference solutions (the model's own when None); the conditioning
     rows (class labels, or prompts with their negative prompts) are cycled over the training paths."""
     from .optimizer import optimize_schedule
+    from .schedules import baseline_sigmas
 
+    if args.phase1_iters == 0:  # tables held fixed: no reference solves
+        return {str(n): [float(s) for s in (init[str(n)] if init else baseline_sigmas(args.phase1_init, n, denoiser.schedule))]
+                for n in args.nfe}
     # the table of a fixed solver, learned on from the previous round's (σ_N−1 free, no held-out selection)
     result = optimize_schedule(denoiser, nfes=list(args.nfe), solver=args.solver, objective=args.phase1_objective,
                                loss="l2", select_by="rmse", validation_size=0, free_last=True,
@@ -418,16 +424,21 @@ def _generate(denoiser: SigmaDenoiser, noise: torch.Tensor, sigmas, solver: str,
 
 
 def _eval_set(teacher: SigmaDenoiser, args, device, rows: Optional[Conditioning] = None) -> dict:
-    """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples and, with
-    `--fd_classifier`, the feature network and the reference statistics for FD."""
-    from .evaluation import REFERENCE_SOLVER, extract_features, feature_statistics, fmnist_images
-    from .evaluation import load_fmnist_classifier, noise_bank, reference_sigmas
+    """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples (`reference.solve`; sample k
+    gets conditioning row `k % len(rows)`) and, with `--fd_classifier`, the feature network and the reference
+    statistics for FD."""
+    from .evaluation import extract_features, feature_statistics, fmnist_images, load_fmnist_classifier, noise_bank
+    from .reference import solve
 
     noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
                        device=device)
-    reference = _generate(teacher, noise[: args.eval_samples], reference_sigmas(teacher.schedule, args.reference_steps),
-                          REFERENCE_SOLVER, args, rows)
-    ev = {"noise": noise, "reference": reference, "rows": rows}
+    reference = []
+    for start in range(0, args.eval_samples, args.pool_batch_size):
+        chunk = noise[start: min(start + args.pool_batch_size, args.eval_samples)]
+        extra = None if rows is None else rows.rows(torch.arange(start, start + len(chunk)))
+        x = solve(teacher, chunk, args.reference_steps, extra_args=extra)
+        reference.append(x.clamp(-1, 1) if args.clamp_samples else x)
+    ev = {"noise": noise, "reference": torch.cat(reference), "rows": rows}
     if args.fd_classifier:
         ev["net"] = load_fmnist_classifier(args.fd_classifier, device)
         ev["stats"] = feature_statistics(extract_features(ev["net"], fmnist_images(args.fd_data).to(device)))
@@ -473,15 +484,16 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
 
 def comparison_tables(args, tables: Dict[str, List[float]], schedule) -> List[Tuple[int, str, str, List[float]]]:
     """(steps, table name, solver, σ table) for the final comparison: the learned table of every tuned count,
-    `--compare_table` at every `--compare_nfe` count, and the base model's reference solve."""
+    `--compare_table` at every `--compare_nfe` count, and (`--compare_reference`) the base model's reference solve."""
     from .evaluation import REFERENCE_SOLVER, reference_sigmas
     from .schedules import baseline_sigmas
 
     rows = [(n, "learned", args.solver, tables[str(n)]) for n in sorted(set(args.nfe))]
     rows += [(n, args.compare_table, args.solver, baseline_sigmas(args.compare_table, n, schedule).tolist())
              for n in sorted(set(args.compare_nfe))]
-    rows.append((args.reference_steps, "reference", REFERENCE_SOLVER,
-                 reference_sigmas(schedule, args.reference_steps).tolist()))
+    if getattr(args, "compare_reference", True):
+        rows.append((args.reference_steps, "reference", REFERENCE_SOLVER,
+                     reference_sigmas(schedule, args.reference_steps).tolist()))
     return rows
 
 
@@ -549,7 +561,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
             with accelerator.accumulate(model):
                 loss, logs = phase2_loss(student, states, tables[n], args.phase2_target, args.solver, x0=x0,
                                          denoising_weights=weights, step_weighting=args.phase2_step_weighting,
-                                         generator=gen, **({} if rows is None else rows.rows(row)))
+                                         generator=gen, loss=args.phase2_loss, **({} if rows is None else rows.rows(row)))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Phase-2 runs on one GPU (bash tools/gpu_stage.sh first; carry .whl and .stage). Stages run one after another:
+# on 2026-11-23 four runs in parallel on one H100 each got under a quarter of the GPU (none reached step 250 in 6 min).
+#   bash benchmarks/phase2_gpu.sh profile                       # benchmarks/profile_phase2.py on the fixture (alone, first)
+#   bash benchmarks/phase2_gpu.sh "fixture:4:l2:2e-5" ...      # MODEL:NFES:LOSS:LR[:EXTRA] -> scripts/train_fewstep.py
+# MODEL is fixture, or a model folder name under .stage/models (vpred, flow). NFES: steps joined by '-' (2-4-8).
+# Every run: the DDIM-trailing table held fixed (--phase1_iters 0 --rounds 1), batch 128, pool 8192, EMA, bf16,
+# channels-last, fused AdamW, FD-FMNIST on FD_SAMPLES (5,000) samples every EVAL_STEPS (250) steps.
+# STEPS (default 1000) optimiser steps; DEADLINE (seconds from the start) stops runs with SIGTERM (they checkpoint).
+# Outputs: logs, metrics and (with KEEP_MODEL=1) the fp16 tuned unet under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+W=.gpu_work
+mkdir -p "$W/logs" "$W/runs" "${OUT:=$W/out}"
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - T0) )); }
+
+model_path() { [ "$1" = fixture ] && echo assets/fmnist-ddpm-eps || echo ".stage/models/$1"; }
+
+profile() {
+  timeout "${PROFILE_SECONDS:-150}" python3 benchmarks/profile_phase2.py --steps "${PROFILE_STEPS:-10}" --warmup 3 \
+    --pool_size 1024 --out "$OUT/profile_phase2.json" ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
+  stamp "profile rc=$? $(tail -3 "$OUT/profile.log" | tr '\n' ' ')"
+}
+
+train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
+  IFS=: read -r model nfes loss lr extra <<< "$1"
+  local name="$model-${nfes}-$loss-$lr${extra:+-${extra//[ ,=]/_}}"
+  local out="$W/runs/$name"
+  timeout -s TERM "$(left)" python3 scripts/train_fewstep.py --pretrained_model_name_or_path "$(model_path "$model")" \
+    --nfe ${nfes//-/ } --rounds 1 --phase1_iters 0 --phase2_steps "${STEPS:-1000}" --train_batch_size 128 \
+    --pool_size 8192 --pool_batch_size 1024 --use_ema --mixed_precision bf16 --channels_last --use_fused_adamw \
+    --phase2_loss "$loss" --learning_rate "$lr" ${extra//,/ } \
+    --fd_classifier .stage/fmnist-classifier --fd_data .stage/fashion-mnist --fd_samples "${FD_SAMPLES:-5000}" \
+    --eval_samples 1024 --eval_steps "${EVAL_STEPS:-250}" --compare_nfe --no-compare_reference \
+    --checkpointing_steps 100000 --output_dir "$out" > "$W/logs/$name.log" 2>&1
+  local rc=$?
+  stamp "$name rc=$rc: $(grep -o "'fd_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -${#nfes} | tr '\n' ' ')"
+  cp "$W/logs/$name.log" "$OUT/" 2>/dev/null
+  if [ "${KEEP_MODEL:-0}" = 1 ] && [ -d "$out/unet" ]; then
+    python3 -c "import sys, torch; from diffusers import UNet2DModel as U; p = sys.argv[1] + '/unet'; \
+U.from_pretrained(p).to(torch.float16).save_pretrained(p)" "$out"
+    tar czf "$OUT/tuned-$name.tar.gz" -C "$W/runs" --exclude='checkpoint-*' "$name"
+  fi
+}
+
+for stage in "$@"; do
+  case $stage in
+    profile) profile ;;  # alone: its timings must not share the GPU
+    *) train "$stage" ;;
+  esac
+done
+stamp "done"
