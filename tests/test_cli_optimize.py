@@ -153,3 +153,34 @@ def test_cli_optimize_text_to_image_pipeline(tmp_path, capsys):
     image = pipe("a photo of a sneaker", num_inference_steps=2, guidance_scale=3, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_flux_pipeline_samples_with_the_learned_table(tmp_path):
+    """FluxPipeline passes its own σ's unless the scheduler says `use_flow_sigmas`: tables learned for a Flux
+    pipeline are the ones it samples with (and a VP scheduler does not claim flow σ's)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from tiny_models import tiny_flux
+
+    FluxPipeline(**tiny_flux()).save_pretrained(tmp_path / "flux")
+    (tmp_path / "prompts.txt").write_text("a photo of a sneaker\nan ankle boot\n")
+    assert main(["optimize", "--model", str(tmp_path / "flux"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "--height", "32", "--width", "32", "--nfe", "3", "--solver", "euler", *TINY,
+                 "--output-dir", str(tmp_path / "out"), "--quiet"]) == 0
+    pipe = FluxPipeline.from_pretrained(tmp_path / "flux")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = LearnedScheduleScheduler.from_pretrained(str(tmp_path / "out"), subfolder="scheduler")
+    table = pipe.scheduler.config.sigma_tables["3"]
+
+    def sample():
+        return pipe("a photo of a sneaker", num_inference_steps=3, height=32, width=32, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    latents = sample()
+    assert pipe.scheduler.config.use_flow_sigmas and pipe.scheduler.table_source == "learned (3 steps)"
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx(table, rel=1e-6) and torch.isfinite(latents).all()
+    pipe.scheduler = LearnedScheduleScheduler.from_config(pipe.scheduler.config, use_flow_sigmas=False)
+    assert float((sample() - latents).abs().max()) > 1e-3  # the pipeline's own σ's: another image
+    assert pipe.scheduler.table_source == "sigmas passed to set_timesteps"
+    assert LearnedScheduleScheduler().config.use_flow_sigmas is False

@@ -99,6 +99,9 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         allow_interpolation (`bool`, defaults to `False`): for a step count without a table, resample the nearest
             table in log σ (a labelled fallback) instead of raising.
         provenance (`dict`, *optional*): where the tables came from (base model, objective, metrics).
+        use_flow_sigmas (`bool`, *optional*): tells Flux-family pipelines (`FluxPipeline`, Flux 2, …) not to pass
+            their own `sigmas` (the convention of `DPMSolverMultistepScheduler(use_flow_sigmas=True)`), so that the
+            learned tables are used. Defaults to `True` for flow-matching tables, `False` otherwise.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
@@ -121,6 +124,7 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         solvers: Optional[Dict[str, str]] = None,
         allow_interpolation: bool = False,
         provenance: Optional[Dict[str, Any]] = None,
+        use_flow_sigmas: Optional[bool] = None,
     ):
         self.noise_schedule = NoiseSchedule(self.config)
         self._active_solver = canonical_solver(solver)
@@ -128,6 +132,8 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         self.register_to_config(sigma_tables=_checked_tables(sigma_tables or {}, self.noise_schedule))
         if solvers is not None:
             self.register_to_config(solvers=_checked_solvers(solvers, self.available_nfes))
+        if use_flow_sigmas is None:
+            self.register_to_config(use_flow_sigmas=family == "flow")
         self._expose_noise_schedule()
         self.init_noise_sigma = 1.0
         self.sigmas = None
