@@ -38,6 +38,8 @@ SD_PEERS = {
     "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}, "DDIM trailing"),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                  "timestep_spacing": "trailing"}, "DPM++(2M) trailing"),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}, "DPM++(2M) Karras"),
     "unipc": ("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2", "timestep_spacing": "trailing"},
               "UniPC bh2 trailing"),
     "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, "Euler trailing"),
