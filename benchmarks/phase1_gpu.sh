@@ -115,8 +115,10 @@ t2i_learned() {  # learn tables for the vendored SD-style fixture from its promp
     --classifier .stage/fmnist-classifier --data .stage/fashion-mnist --n "${T2I_N:-2000}" --guidance 5 --nfes $nfes \
     --out "$dir/eval-learned-sd" > "$W/logs/t2i-eval-learned-sd.log" 2>&1
   stamp "t2i learned sd evaluated: rc $?"; cat "$dir/eval-learned-sd/results.md" 2>/dev/null | head -40
-  tar czf "$OUT/t2i-learned-sd.tar.gz" -C "$dir" learned-sd eval-learned-sd -C "$PWD/$W/logs" t2i-optimize-sd.log t2i-eval-learned-sd.log
+  pack_t2i_learned
 }
+
+pack_t2i_learned() { tar czf "$OUT/t2i-learned-sd.tar.gz" -C "$W" t2i/learned-sd t2i/eval-learned-sd logs 2>/dev/null; }
 
 pack() {  # this stage's runs, benchmark, diagnostics and logs, as far as they got
   tar czf "$OUT/phase1-${2:-$1}.tar.gz" -C "$W" $(cd "$W" && ls -d runs/$1 bench/$1 diag/$1.json 2>/dev/null) logs
@@ -143,7 +145,7 @@ done
 while [ -n "$(jobs -rp)" ] && [ $(( $(date +%s) - T0 )) -lt "${DEADLINE:-560}" ]; do sleep 5; done
 if [ -n "$(jobs -rp)" ]; then
   stamp "deadline: stopping $(jobs -rp | wc -l) stage(s) and packing what they wrote"
-  for stage in "$@"; do case $stage in t2i-learned-sd) tar czf "$OUT/t2i-learned-sd.tar.gz" -C "$W" t2i logs ;; train|t2i-*) ;; bench-*|diag-*) pack "${stage#*-}" "$stage" ;; *) pack "$stage" ;; esac; done
+  for stage in "$@"; do case $stage in t2i-learned-sd) pack_t2i_learned ;; train|t2i-*) ;; bench-*|diag-*) pack "${stage#*-}" "$stage" ;; *) pack "$stage" ;; esac; done
   kill $(jobs -rp) 2>/dev/null
 fi
 stamp "done"

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -409,36 +409,37 @@ def _trainable(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _generate(denoiser: SigmaDenoiser, noise: torch.Tensor, sigmas, solver: str, args,
-              rows: Optional[Conditioning] = None) -> torch.Tensor:
-    """`evaluation.generate` in batches; sample k gets conditioning row `k % len(rows)`."""
-    from .evaluation import generate
-
+def _batched(fn: Callable, noise: torch.Tensor, args, rows: Optional[Conditioning] = None) -> torch.Tensor:
+    """`fn(chunk, extra_args)` over `noise` in batches of `--pool_batch_size`, clamped to [-1, 1] for images (not
+    latents); sample k gets conditioning row `k % len(rows)`."""
     out = []
     for start in range(0, len(noise), args.pool_batch_size):
         chunk = noise[start: start + args.pool_batch_size]
-        extra = None if rows is None else rows.rows(torch.arange(start, start + len(chunk)))
-        out.append(generate(denoiser, chunk, sigmas, solver, len(chunk), extra_args=extra,
-                            clamp=getattr(args, "clamp_samples", True)))
+        x = fn(chunk, None if rows is None else rows.rows(torch.arange(start, start + len(chunk))))
+        out.append(x.clamp(-1, 1) if args.clamp_samples else x)
     return torch.cat(out)
 
 
+def _generate(denoiser: SigmaDenoiser, noise: torch.Tensor, sigmas, solver: str, args,
+              rows: Optional[Conditioning] = None) -> torch.Tensor:
+    """Few-step samples (`evaluation.generate`) from `noise`."""
+    from .evaluation import generate
+
+    return _batched(lambda chunk, extra: generate(denoiser, chunk, sigmas, solver, len(chunk), extra_args=extra,
+                                                  clamp=False), noise, args, rows)
+
+
 def _eval_set(teacher: SigmaDenoiser, args, device, rows: Optional[Conditioning] = None) -> dict:
-    """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples (`reference.solve`; sample k
-    gets conditioning row `k % len(rows)`) and, with `--fd_classifier`, the feature network and the reference
-    statistics for FD."""
+    """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples (`reference.solve`) and,
+    with `--fd_classifier`, the feature network and the reference statistics for FD."""
     from .evaluation import extract_features, feature_statistics, fmnist_images, load_fmnist_classifier, noise_bank
     from .reference import solve
 
     noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
                        device=device)
-    reference = []
-    for start in range(0, args.eval_samples, args.pool_batch_size):
-        chunk = noise[start: min(start + args.pool_batch_size, args.eval_samples)]
-        extra = None if rows is None else rows.rows(torch.arange(start, start + len(chunk)))
-        x = solve(teacher, chunk, args.reference_steps, extra_args=extra)
-        reference.append(x.clamp(-1, 1) if args.clamp_samples else x)
-    ev = {"noise": noise, "reference": torch.cat(reference), "rows": rows}
+    reference = _batched(lambda chunk, extra: solve(teacher, chunk, args.reference_steps, extra_args=extra),
+                         noise[: args.eval_samples], args, rows)
+    ev = {"noise": noise, "reference": reference, "rows": rows}
     if args.fd_classifier:
         ev["net"] = load_fmnist_classifier(args.fd_classifier, device)
         ev["stats"] = feature_statistics(extract_features(ev["net"], fmnist_images(args.fd_data).to(device)))
@@ -491,7 +492,7 @@ def comparison_tables(args, tables: Dict[str, List[float]], schedule) -> List[Tu
     rows = [(n, "learned", args.solver, tables[str(n)]) for n in sorted(set(args.nfe))]
     rows += [(n, args.compare_table, args.solver, baseline_sigmas(args.compare_table, n, schedule).tolist())
              for n in sorted(set(args.compare_nfe))]
-    if getattr(args, "compare_reference", True):
+    if args.compare_reference:
         rows.append((args.reference_steps, "reference", REFERENCE_SOLVER,
                      reference_sigmas(schedule, args.reference_steps).tolist()))
     return rows
