@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Phase-2 runs on one GPU (bash tools/gpu_stage.sh first; carry .whl and .stage). Stages run one after another:
-# on 2026-11-23 four runs in parallel on one H100 each got under a quarter of the GPU (none reached step 250 in 6 min).
+# on 2026-11-23 four runs in parallel on one H100 starved each other (none reached step 250 in 6 minutes).
 #   bash benchmarks/phase2_gpu.sh profile                       # benchmarks/profile_phase2.py on the fixture (alone, first)
 #   bash benchmarks/phase2_gpu.sh "fixture:4:l2:2e-5" ...      # MODEL:NFES:LOSS:LR[:EXTRA] -> scripts/train_fewstep.py
 # MODEL is fixture, or a model folder name under .stage/models (vpred, flow). NFES: steps joined by '-' (2-4-8).
