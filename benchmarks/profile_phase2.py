@@ -71,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--pool_repeats", type=int, default=2, help="Timed repeats of each teacher solve.")
     parser.add_argument("--phase2_steps", type=int, default=1000, help="Optimiser steps per round the pool is amortised over.")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device.")
+    parser.add_argument("--torch_profile", type=str, nargs="*", default=[], choices=list(VARIANTS),
+                        help="Variants to trace with torch.profiler too (their top ops go beside --out).")
     parser.add_argument("--out", type=str, required=True, help="JSON file for the results.")
     args = parser.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
@@ -178,12 +180,36 @@ def time_variant(args, name: str, states, table, config) -> dict:
     step()  # the first step (compilation included), timed alone
     first_s = time.perf_counter() - t0 if not cuda else _synced(t0)
     result = summary(timed(step, args, args.steps, max(0, args.warmup - 1)))
+    if name in args.torch_profile:
+        result["torch_profile"] = trace(step, args, name)
     result.update(settings=settings, first_step_s=round(first_s, 3), trainable_params=sum(p.numel() for p in params),
                   samples_per_s=args.batch_size / result["median_ms"] * 1000,
                   backend=compile_backend(args.device) if settings.get("compile") else None,
                   fused_adamw=bool(settings.get("fused")) and cuda,
                   peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
     return result
+
+
+def trace(step, args, name: str) -> str:
+    """torch.profiler over 3 steps of `step`: the ops by device time (and by CPU time) go to a text file beside
+    `--out`, whose path is returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    by_device = "self_cuda_time_total" if torch.device(args.device).type == "cuda" else "self_cpu_time_total"
+    path = os.path.splitext(args.out)[0] + f"_trace_{name.replace('+', '_')}.txt"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"torch.profiler, 3 steps of {name}, sorted by {by_device}\n")
+        f.write(events.table(sort_by=by_device, row_limit=40) + "\n\nsorted by self_cpu_time_total\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=25))
+    return path
 
 
 def _synced(t0: float) -> float:

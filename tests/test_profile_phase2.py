@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ["fp32", "bf16", "bf16+channels_last", "bf16+compile", "bf16+fused_adamw", "bf16+channels_last+compile+fused_adamw",
@@ -12,13 +13,16 @@ ALL = ["fp32", "bf16", "bf16+channels_last", "bf16+compile", "bf16+fused_adamw",
 NO_COMPILE = [v for v in ALL if "compile" not in v]
 
 
-def _tiny_unet_params():
+def _tiny_unet():
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
-    return sum(p.numel() for p in unet.parameters())
+
+
+def _tiny_unet_params():
+    return sum(p.numel() for p in _tiny_unet().parameters())
 
 
 # the whole set traces the model twice with dynamo (~15 s of ~30 s on the shared 2-core CPU)
@@ -26,7 +30,7 @@ def _tiny_unet_params():
 def test_profile_phase2_tiny_on_cpu(tmp_path, variants):
     out = tmp_path / "profile.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "src"))
-    chosen = [] if variants == ALL else ["--variants", *variants]  # the default is every variant
+    chosen = [] if variants == ALL else ["--variants", *variants, "--torch_profile", "fp32"]  # default: every variant
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_phase2.py"), "--tiny", "--steps", "2",
                            "--out", str(out), *chosen], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,3 +54,9 @@ def test_profile_phase2_tiny_on_cpu(tmp_path, variants):
         assert pool["pool_per_step_ms"] == pool["pool_per_round_s"] * 1000 / 1000
         assert pool["fresh_per_step_ms"] > 0 and pool["reference_steps"] == 10
     assert record["env"]["batch_size"] == 8 and record["env"]["nfe"] == 4
+    if variants == NO_COMPILE:  # the traced variant's op table: 3 steps × (4 forward + 4 backward) calls of each conv
+        trace = open(timings["fp32"]["torch_profile"]).read()
+        convs = sum(isinstance(m, torch.nn.Conv2d) for m in _tiny_unet().modules())
+        row = next(line for line in trace.splitlines() if line.strip().startswith("aten::convolution_backward"))
+        assert int(row.split()[-1]) == 3 * 4 * convs
+        assert "torch_profile" not in timings["bf16"]
