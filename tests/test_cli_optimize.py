@@ -120,6 +120,10 @@ def test_cli_optimize_fd_data_scores_every_candidate_and_leaves_the_objective_al
     assert len(cands) > 10 and all(c["scores"]["fd_data"] >= 0 for c in cands)
     kept = next(c for c in cands if c["kept"])
     assert kept["scores"]["fd_data"] == min(c["scores"]["fd_data"] for c in cands)
+    record = LearnedScheduleScheduler.from_pretrained(str(tmp_path / "fd_data"), subfolder="scheduler")
+    record = record.config.provenance  # the scheduler folder's copy of the candidates
+    assert record["per_nfe"]["3"]["kept"] == kept["name"] and record["select_by"] == "fd_data"
+    assert [c["scores"] for c in record["per_nfe"]["3"]["candidates"]] == [c["scores"] for c in cands]
     assert "held-out fd_data" in capsys.readouterr().out
     # --data alone: scored, not selected by; the tables and every other score as without --data
     assert run("with_data", "--solver", "euler", "--data", str(data)) == 0
