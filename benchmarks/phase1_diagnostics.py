@@ -1,10 +1,12 @@
 """Which held-out measure picks the table with the best FD? Scores every candidate of an `optimize` run by FD.
 
 `diffusers-fewstep optimize` records, per step count, every candidate table (stock tables of every solver and
-the learned ones) with its held-out scores (`rmse`, `feature`, `fd_self`) in `optimize_log.json`. This script
-samples every candidate on the benchmark's evaluation bank (seed 1234, independent of the optimiser's noises)
-and measures FD-FMNIST and endpoint RMSE, then reports, per measure, the FD of the candidate it would keep
-against the best FD among all candidates (the regret; 1.00 = it picked the best):
+the learned ones) with its held-out scores (`rmse`, `feature`, `fd_self`, and `fd_data` when it was given `--data`)
+in `optimize_log.json`. This script samples every candidate on the benchmark's evaluation bank (seed 1234,
+independent of the optimiser's noises) and measures FD-FMNIST and endpoint RMSE, then reports, per measure, the FD
+of the candidate it would keep against the best FD among all candidates (the regret; 1.00 = it picked the best).
+The FD here is against the test split (t10k); give `optimize --data` other images (the training split) so that
+`fd_data` is not scored on the images it is judged by:
 
     python benchmarks/phase1_diagnostics.py --model M --run OUT --classifier C --data D --n 2000 --out diag.json
 """
@@ -17,6 +19,7 @@ import torch
 
 from diffusers_fewstep import evaluation as ev
 from diffusers_fewstep.adapter import SigmaDenoiser
+from diffusers_fewstep.selection import MEASURES
 
 
 def main():
@@ -50,7 +53,7 @@ def main():
         best_fd = min(c["fd"] for c in candidates)
         stock_fd = min(c["fd"] for c in candidates if c["source"] == "stock")
         picks = {}
-        for measure in ("rmse", "feature", "fd_self"):
+        for measure in MEASURES:  # those the run scored
             scored = [c for c in candidates if measure in c["scores"]]
             if scored:
                 pick = min(scored, key=lambda c: c["scores"][measure])

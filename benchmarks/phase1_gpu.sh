@@ -6,7 +6,9 @@
 #   bash benchmarks/phase1_gpu.sh t2i-learned-sd    # optimize on assets/fmnist-t2i-sd from its prompts, score beside stock
 #   bash benchmarks/phase1_gpu.sh bench-fixture diag-fixture   # benchmark / diagnostics of a run carried in .stage/runs
 # A model stage runs, with default settings:
-#   diffusers-fewstep optimize --model M --nfe 3 4 5 6 8 10 --output-dir RUN
+#   diffusers-fewstep optimize --model M --nfe 3 4 5 6 8 10 --output-dir RUN [--data TRAIN]
+#     (--data with the 50k training split when .stage/train50k is carried: every candidate also gets its fd_data
+#      score, the table is still kept by fd_self; the diagnostics' FD uses the t10k test split)
 #   diffusers-fewstep benchmark --model M --learned RUN --n 5000   (every diffusers scheduler of the family, same noises)
 #   python benchmarks/phase1_diagnostics.py                          (FD of every candidate: which measure picks best)
 # Outputs: .gpu_work/ on the GPU machine, packed into $OUT/<stage>.tar.gz (and $OUT/model-<name>.tar.gz for models).
@@ -56,11 +58,13 @@ U.from_pretrained(p).to(torch.float16).save_pretrained(p)" "$W/models/$name"  # 
 }
 
 phase1() {  # one model: optimize (defaults), benchmark, diagnostics
-  local name=$1 model rows
+  local name=$1 model rows data=""
   model=$(model_path "$name")
   rows=$VP_ROWS; [ "$name" = flow ] && rows=$FLOW_ROWS
+  [ -f "$W/train/train-images-idx3-ubyte.gz" ] && data="$W/train"
   stamp "optimize $name"
-  $CLI optimize --model "$model" --nfe $NFES --output-dir "$W/runs/$name" --quiet ${OPT_ARGS:-} > "$W/logs/optimize-$name.log" 2>&1
+  $CLI optimize --model "$model" --nfe $NFES --output-dir "$W/runs/$name" --quiet ${data:+--data "$data"} ${OPT_ARGS:-} \
+    > "$W/logs/optimize-$name.log" 2>&1
   stamp "optimize $name done: rc $?"; tail -8 "$W/logs/optimize-$name.log"
   if [ -z "${SKIP_BENCH:-}" ]; then
     $CLI benchmark --model "$model" --learned "$W/runs/$name" --n "${N:-5000}" --nfes $NFES --rows $rows sigma_ddim_trailing \
@@ -124,7 +128,10 @@ pack() {  # this stage's runs, benchmark, diagnostics and logs, as far as they g
   tar czf "$OUT/phase1-${2:-$1}.tar.gz" -C "$W" $(cd "$W" && ls -d runs/$1 bench/$1 diag/$1.json 2>/dev/null) logs
 }
 
-case " $* " in *" train "*|*" t2i-"*) train_data ;; esac
+case " $* " in
+  *" train "*|*" t2i-"*) train_data ;;
+  *) [ -f .stage/train50k/train-images-idx3-ubyte.xz ] && train_data ;;  # optimize --data (fd_data scores)
+esac
 for stage in "$@"; do
   case $stage in
     train)

@@ -62,6 +62,18 @@ def test_missing_input_files(capsys, tmp_path):
         "diffusers-fewstep: error: --classifier no-net: no such file or folder; pass an existing path")
 
 
+def test_fd_data_selection_needs_data_and_an_unconditional_model(capsys, tmp_path):
+    assert _error(capsys, _optimize(tmp_path, "--select-by", "fd_data")) == (
+        "diffusers-fewstep: error: --select-by fd_data compares samples with clean data images; pass them (optimize "
+        "--data: an IDX file, .pt tensor or image folder) or select by one of ['rmse', 'feature', 'fd_self']")
+    torch.save(torch.zeros(4, 1, 8, 8), tmp_path / "data.pt")
+    (tmp_path / "prompts.txt").write_text("a shoe\n")
+    assert _error(capsys, _optimize(tmp_path, "--select-by", "fd_data", "--data", str(tmp_path / "data.pt"),
+                                    "--prompts-file", str(tmp_path / "prompts.txt"))) == (
+        "diffusers-fewstep: error: --select-by fd_data is for unconditional models: data images carry no prompts or "
+        "labels; select by one of ['rmse', 'feature', 'fd_self']")
+
+
 def test_cuda_without_cuda(capsys, tmp_path):
     assert _error(capsys, ["optimize", "--output-dir", str(tmp_path), "--device", "cuda"]) == (
         "diffusers-fewstep: error: --device cuda: torch finds no CUDA device on this machine; pass --device cpu")

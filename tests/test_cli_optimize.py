@@ -105,6 +105,39 @@ def test_an_interrupted_run_keeps_the_step_counts_it_finished(tmp_path, monkeypa
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary leftovers
 
 
+def test_cli_optimize_fd_data_scores_every_candidate_and_leaves_the_objective_alone(tmp_path, capsys, tiny_model):
+    import torch
+
+    data = tmp_path / "data.pt"
+    torch.save(torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, data)
+    run = lambda out, *extra: main(["optimize", "--model", tiny_model, "--nfe", "3", *TINY,  # noqa: E731
+                                    "--output-dir", str(tmp_path / out), *extra])
+    # --select-by fd_data: every candidate has it, the kept one has the lowest
+    assert run("fd_data", "--data", str(data), "--select-by", "fd_data") == 0
+    log = json.loads((tmp_path / "fd_data" / "optimize_log.json").read_text())
+    cands = log["candidates"]["3"]
+    assert log["settings"]["select_by"] == "fd_data" and log["settings"]["fd_data_images"] == 4
+    assert len(cands) > 10 and all(c["scores"]["fd_data"] >= 0 for c in cands)
+    kept = next(c for c in cands if c["kept"])
+    assert kept["scores"]["fd_data"] == min(c["scores"]["fd_data"] for c in cands)
+    record = LearnedScheduleScheduler.from_pretrained(str(tmp_path / "fd_data"), subfolder="scheduler")
+    record = record.config.provenance  # the scheduler folder's copy of the candidates
+    assert record["per_nfe"]["3"]["kept"] == kept["name"] and record["select_by"] == "fd_data"
+    assert [c["scores"] for c in record["per_nfe"]["3"]["candidates"]] == [c["scores"] for c in cands]
+    assert "held-out fd_data" in capsys.readouterr().out
+    # --data alone: scored, not selected by; the tables and every other score as without --data
+    assert run("with_data", "--solver", "euler", "--data", str(data)) == 0
+    assert run("without", "--solver", "euler") == 0
+    with_data, without = (json.loads((tmp_path / out / "optimize_log.json").read_text())
+                          for out in ("with_data", "without"))
+    assert with_data["settings"]["select_by"] == without["settings"]["select_by"] == "fd_self"
+    assert all("fd_data" in c["scores"] for c in with_data["candidates"]["3"])
+    assert not any("fd_data" in c["scores"] for c in without["candidates"]["3"])
+    for c in with_data["candidates"]["3"]:
+        del c["scores"]["fd_data"]
+    assert with_data["candidates"] == without["candidates"] and with_data["history"] == without["history"]
+
+
 @pytest.mark.skipif(not os.path.exists(FMNIST_TEST), reason="needs the dataset-fashion-mnist Debian package")
 def test_cli_optimize_fixed_point_with_data(tmp_path):
     # the gradient-free solver on the propagated bound, x0 from Fashion-MNIST (IDX file)

@@ -183,6 +183,12 @@ def test_bad_arguments(gm):
         optimize_schedule(gm, nfes=[4], select_by="fid")
     with pytest.raises(ValueError, match="unknown solver"):
         optimize_schedule(gm, nfes=[4], solver="heun3")
+    with pytest.raises(ValueError, match="fd_data compares samples with clean data images"):
+        optimize_schedule(gm, nfes=[4], select_by="fd_data")
+    with pytest.raises(ValueError, match="fd_data is for unconditional models"):
+        optimize_schedule(gm, nfes=[4], select_by="fd_data", data=torch.zeros(8, 4), cond={"labels": torch.ones(1)})
+    with pytest.raises(ValueError, match=r"data images have shape \(3,\); the model's samples have \(4,\)"):
+        optimize_schedule(gm, nfes=[4], data=torch.zeros(8, 3))
 
 
 def test_save_round_trip(gm, tmp_path):

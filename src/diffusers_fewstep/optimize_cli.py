@@ -15,7 +15,8 @@ import torch
 
 from .objectives import LOSSES
 from .optimizer import METHODS, OBJECTIVES, ScheduleResult, _infer_sample_shape, optimize_schedule
-from .selection import MEASURES
+from .checks import UsageError
+from .selection import MEASURES, check_measure
 
 # defaults by device: the reference solves and the held-out scoring dominate, and a CPU is ~100× slower
 GPU_DEFAULTS = {"batch_size": 64, "reference_steps": 200, "pool_size": 512, "validation_size": 512, "max_iters": 60,
@@ -39,8 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", default=None, choices=LOSSES,
                         help="endpoint loss of the trajectory objective (default: feature; l2 for text-to-image pipelines)")
     parser.add_argument("--select-by", default=None, choices=MEASURES,
-                        help="held-out measure that keeps a table (default: fd_self; rmse for text-to-image pipelines, "
-                             "whose few-step images should match the many-step image of the same latents)")
+                        help="held-out measure that keeps a table (default: fd_self, data-free, also with --data; "
+                             "rmse for text-to-image pipelines, whose few-step images should match the many-step "
+                             "image of the same latents; fd_data: Fréchet distance in the model's own features to "
+                             "the --data images, needs --data)")
     parser.add_argument("--objective", default="trajectory", choices=OBJECTIVES, help="what the tables minimise")
     parser.add_argument("--method", default="adam", choices=METHODS, help="adam (gradients) or fixed_point (bounds)")
     parser.add_argument("--free-last", action="store_true", help="also learn the last positive σ of each table")
@@ -54,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-steps", type=int, default=None, help="steps of the DPM-Solver++(2M) reference")
     parser.add_argument("--init", default=None,
                         help="one more candidate table: a baseline (ddim_trailing, karras, loguniform, ddim_leading)")
-    parser.add_argument("--data", default=None, help="clean data for the bound: IDX file, .pt tensor or image folder")
+    parser.add_argument("--data", default=None,
+                        help="clean images (IDX file, .pt tensor in [-1, 1] or image folder): x0 for the bound "
+                             "objectives, and the reference set of the held-out fd_data score of every candidate "
+                             "(it keeps the table only with --select-by fd_data)")
     parser.add_argument("--patience", type=int, default=30, help="early stopping patience (iterations)")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
                         help="autocast of the model calls (default: bf16 on cuda)")
@@ -129,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     from .hub import load_model_and_scheduler_config, portable_model_ref
     from .outputs import read_scheduler_tables
 
+    try:  # before any model is loaded
+        check_measure(args.select_by or "fd_self", has_data=bool(args.data), conditional=args.prompts_file is not None)
+    except ValueError as err:
+        raise UsageError(f"--select-by {err}") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731

@@ -33,7 +33,7 @@ from . import learning, objectives
 from .learning import MonotoneSigmas  # noqa: F401  (part of this module's API)
 from .reference import REFERENCE_SOLVER
 from .schedules import baseline_sigmas, stock_tables, validate_sigmas
-from .selection import MEASURES, Candidate, Paths, best, score
+from .selection import Candidate, Paths, best, check_measure, score
 from .solvers import SOLVERS, canonical_solver
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         loss (`str`, *optional*, defaults to `"feature"`): the trajectory objective's endpoint loss: `feature`
             (the model's own features, :mod:`~diffusers_fewstep.features`), `l2` or `pseudo_huber`.
         select_by (`str`, *optional*, defaults to `"fd_self"`): the held-out measure that picks the kept table
-            (:data:`~diffusers_fewstep.selection.MEASURES`: `fd_self`, `feature`, `rmse`).
+            (:data:`~diffusers_fewstep.selection.MEASURES`: `fd_self`, `feature`, `rmse`, or `fd_data`, which
+            needs `data`).
         starts (`int`, *optional*, defaults to 2): how many of the best-scoring candidates are learned further.
         free_last (`bool`, *optional*, defaults to `False`): also learn the last positive σ (tables ending in 0);
             by default both ends of each start table stay fixed.
@@ -234,7 +235,10 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         validation_size (`int`, *optional*, defaults to 512): held-out noises (seed + 1) that score every
             candidate; 0 skips scoring and returns the table learned from `init` (with `solver`, not `auto`).
         pool_size (`int`, *optional*): training paths shared by all NFEs; defaults to `min(8·batch_size, 1024)`.
-        data (`torch.Tensor`, *optional*): clean samples x0 for the bound (default: the model's own samples).
+        data (`torch.Tensor`, *optional*): clean samples `(n, *sample_shape)`: x0 for the bound (default: the model's
+            own samples) and, with the feature measures and no `cond`, the reference set of the held-out `fd_data`
+            (scored for every candidate; it keeps the table only with `select_by="fd_data"`). The trajectory
+            objective does not use them.
         cond, uncond (`dict`, *optional*): model keyword arguments passed to the denoiser (`cond`, and
             `uncond` for guidance); tensors with one row are broadcast, others are cycled over the paths.
         sample_shape (`tuple`, *optional*): shape of one sample (read from the model config when not given).
@@ -272,8 +276,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                          "objective='bound_propagated' (or 'bound'), or method='adam' for 'trajectory'")
     if loss not in objectives.LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {list(objectives.LOSSES)}")
-    if select_by not in MEASURES:
-        raise ValueError(f"unknown selection measure {select_by!r}; choose one of {list(MEASURES)}")
+    check_measure(select_by, has_data=data is not None, conditional=cond is not None)
     if not validation_size and solver == "auto":
         raise ValueError("solver='auto' picks the solver on held-out noises; give validation_size > 0 or a solver")
     nfes = [int(nfes)] if isinstance(nfes, int) else [int(n) for n in nfes]
@@ -285,11 +288,13 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
     device = torch.device(device)
     schedule = denoiser.schedule
     sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(denoiser)
+    if data is not None and tuple(data.shape[1:]) != sample_shape:
+        raise ValueError(f"data images have shape {tuple(data.shape[1:])}; the model's samples have {sample_shape}")
     pool_size = pool_size or max(batch_size, min(8 * batch_size, 1024))
     model_fn = _CountingDenoiser(denoiser, _resolve_precision(mixed_precision, device), device.type,
                                  gradient_checkpointing)
     full_fn = _CountingDenoiser(reference_denoiser or denoiser)
-    needs_features = loss == "feature" or (validation_size and select_by in ("feature", "fd_self"))
+    needs_features = loss == "feature" or (validation_size and select_by != "rmse")
     features = _features(denoiser, model_fn.autocast_dtype) if needs_features else None
     settings = {"nfes": nfes, "solver": solver, "objective": objective, "loss": loss, "select_by": select_by,
                 "starts": starts, "free_last": free_last, "method": method, "num_iters": num_iters,
@@ -301,7 +306,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 "damping": damping, "tol": tol, "sample_shape": list(sample_shape), "device": str(device),
                 "x0_source": "none" if objective == "trajectory" else ("data" if data is not None else "model"),
                 "noise_schedule": schedule.describe(), "model_class": type(getattr(denoiser, "model", denoiser)).__name__,
-                "reference_model": "teacher" if reference_denoiser is not None else "self"}
+                "reference_model": "teacher" if reference_denoiser is not None else "self", "fd_data_images": 0}
 
     with _frozen(denoiser):  # gradients flow to the table only; the model's flags are restored after
         # 2. the paths: training pool and held-out set, with their reference solves
@@ -319,6 +324,9 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
             held_out.solve_references(full_fn, reference_steps, 4 * batch_size, progress)
             if features is not None:
                 held_out.featurize_references(features, 4 * batch_size)
+            if features is not None and data is not None and cond is None:  # fd_data, its own draws
+                held_out.featurize_data(features, data, 4 * batch_size, torch.Generator().manual_seed(seed + 2))
+                settings["fd_data_images"] = len(held_out.data_features)
         shared = {"seconds": time.perf_counter() - start_time, "num_evals": full_fn.calls}
         run = learning.Run(model_fn, pool, schedule, features, settings, generator, progress)
         result = ScheduleResult({}, {}, {}, {}, {}, {}, settings, shared)
@@ -344,8 +352,8 @@ def _features(denoiser, autocast_dtype):
     from .features import ModelFeatures
 
     if not isinstance(getattr(denoiser, "model", None), nn.Module):
-        raise ValueError("loss='feature' and select_by='feature'/'fd_self' use the model's own features; this "
-                         "denoiser has no diffusers model: pass loss='l2' and select_by='rmse'")
+        raise ValueError("loss='feature' and select_by='feature'/'fd_self'/'fd_data' use the model's own features; "
+                         "this denoiser has no diffusers model: pass loss='l2' and select_by='rmse'")
     return ModelFeatures(denoiser, autocast_dtype=autocast_dtype)
 
 

@@ -7,7 +7,10 @@ references of the same noises, lower is better:
 
 - ``rmse``: endpoint RMSE (per-sample RMSE, averaged); rewards blur at 8–10 steps (docs/method.md);
 - ``feature``: LPIPS-style distance in the model's own features (:func:`~diffusers_fewstep.features.feature_distance`);
-- ``fd_self``: Fréchet distance between the pooled model features of the samples and of the references.
+- ``fd_self``: Fréchet distance between the pooled model features of the samples and of the references;
+- ``fd_data`` (optional, needs clean data images; unconditional models): the same Fréchet distance, against the
+  pooled model features of data images instead of the references (:meth:`Paths.featurize_data`). It is the one
+  measure that is not data-free, and the one that does not ask for closeness to the model's own reference.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from .features import compare, frechet_distance, pooled_features
 from .objectives import endpoint_loss
 from .solvers import sample
 
-MEASURES = ("rmse", "feature", "fd_self")
+MEASURES = ("rmse", "feature", "fd_self", "fd_data")
 
 
 def _select_cond(cond: Optional[dict], idx: torch.Tensor) -> Optional[dict]:
@@ -64,6 +67,7 @@ class Paths:
         self.cond, self.uncond = cond, uncond
         self.reference: Optional[torch.Tensor] = None
         self.reference_features: Optional[torch.Tensor] = None
+        self.data_features: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.noise.shape[0]
@@ -87,6 +91,17 @@ class Paths:
                                                              extra.get("cond"))
                                              for _, dev, extra in self.batches(batch_size)])
 
+    @torch.no_grad()
+    def featurize_data(self, features, data: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        """The reference set of ``fd_data``: pooled features of as many clean images as there are paths (fewer if
+        `data` has fewer), drawn from `data` without replacement, each shown with its own noise as the references
+        are. Unconditional models only: data images come without the paths' conditioning."""
+        pick = torch.randperm(len(data), generator=generator)[: len(self)]
+        x = data[pick].to(self.noise.device, torch.float32)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        self.data_features = torch.cat([pooled_features(features, x[i: i + batch_size], noise[i: i + batch_size])
+                                        for i in range(0, len(x), batch_size)])
+
 
 @dataclass
 class Candidate:
@@ -106,7 +121,7 @@ class Candidate:
 @torch.no_grad()
 def score(model_fn, paths: Paths, table, solver: str, batch_size: int, features=None) -> Dict[str, float]:
     """Every measure of :data:`MEASURES` the set allows for `table` with `solver` on the held-out `paths`
-    (`feature` and `fd_self` need `features`)."""
+    (`feature` and `fd_self` need `features`; `fd_data` also needs :meth:`Paths.featurize_data`)."""
     sigmas = torch.as_tensor(table, dtype=torch.float32, device=paths.noise.device)
     rmse, dist, pooled = [], [], []
     for _, dev, extra in paths.batches(batch_size):
@@ -120,16 +135,32 @@ def score(model_fn, paths: Paths, table, solver: str, batch_size: int, features=
     out = {"rmse": float(torch.cat(rmse).mean())}
     if features is not None:
         out["feature"] = float(torch.cat(dist).mean())
-        out["fd_self"] = frechet_distance(torch.cat(pooled), paths.reference_features)
+        pooled = torch.cat(pooled)
+        out["fd_self"] = frechet_distance(pooled, paths.reference_features)
+        if paths.data_features is not None:
+            out["fd_data"] = frechet_distance(pooled, paths.data_features)
     return out
+
+
+def check_measure(measure: str, has_data: bool = True, conditional: bool = False) -> None:
+    """Raise `ValueError` unless `measure` is one of :data:`MEASURES` that a run can score: ``fd_data`` needs
+    clean data images (`has_data`) and an unconditional model (not `conditional`)."""
+    others = [m for m in MEASURES if m != "fd_data"]
+    if measure not in MEASURES:
+        raise ValueError(f"unknown selection measure {measure!r}; choose one of {list(MEASURES)}")
+    if measure == "fd_data" and not has_data:
+        raise ValueError("fd_data compares samples with clean data images; pass them (optimize --data: an IDX file, "
+                         f".pt tensor or image folder) or select by one of {others}")
+    if measure == "fd_data" and conditional:
+        raise ValueError("fd_data is for unconditional models: data images carry no prompts or labels; select by "
+                         f"one of {others}")
 
 
 def best(candidates: List[Candidate], measure: str) -> Candidate:
     """The candidate with the lowest held-out `measure` (ties: the first listed)."""
-    if measure not in MEASURES:
-        raise ValueError(f"unknown selection measure {measure!r}; choose one of {list(MEASURES)}")
+    check_measure(measure)
     scored = [c for c in candidates if measure in c.scores]
     if not scored:
-        raise ValueError(f"no candidate has the measure {measure!r}; `feature`/`fd_self` need a model with "
-                         "feature layers (diffusers_fewstep.features)")
+        raise ValueError(f"no candidate has the measure {measure!r}; `feature`/`fd_self`/`fd_data` need a model with "
+                         "feature layers (diffusers_fewstep.features), `fd_data` also clean data images")
     return min(scored, key=lambda c: c.scores[measure])
