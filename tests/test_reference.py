@@ -33,7 +33,7 @@ def test_every_consumer_gets_the_same_reference(config):
     # Phase 1's training pool (the flow bug: its solves started from ε·a(σ_max)⁻¹ with σ_max = 4096)
     pool = Paths(4, (1, 8, 8), "cpu", torch.Generator().manual_seed(0))
     pool.noise = noise
-    pool.solve_references(denoiser, STEPS, batch_size=2)
+    pool.solve_references(denoiser, reference.Reference(STEPS), batch_size=2)
     assert torch.allclose(pool.reference.clamp(-1, 1), expected, atol=1e-5)
     # Phase 2's teacher states through a 3-step table taken from the reference grid end where it ends
     table = reference.reference_sigmas(denoiser.schedule, STEPS)[[0, 4, 8, -1]]

@@ -223,6 +223,31 @@ class SigmaDenoiser(nn.Module):
         out = out.sample if hasattr(out, "sample") else out[0]
         return out[:, : x_native.shape[1]]  # learned-variance models predict extra channels
 
+    def native_output(self, x_native: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None,
+                      uncond: Optional[dict] = None) -> torch.Tensor:
+        """The model's native output (ε, v or flow velocity) at the native state `x_native` and diffusers timestep
+        `t` (a scalar or one per sample), with classifier-free guidance as diffusers' pipelines apply it:
+        `out_u + guidance_scale·(out_c − out_u)`, one model call on the batch `[uncond, cond]`."""
+        t = torch.as_tensor(t, device=x_native.device)
+        if t.ndim == 0:
+            t = t.expand(x_native.shape[0])
+        dtype = next(self.model.parameters()).dtype
+        self.num_evals += 1
+        if self.guidance_scale == 1.0:
+            return self.model_output(x_native.to(dtype), t, cond).to(x_native.dtype)
+        if uncond is None:
+            raise ValueError("guidance_scale != 1 needs `uncond` (the unconditional model kwargs)")
+        cond, uncond = flatten_kwargs(cond or {}), flatten_kwargs(uncond)
+        both = {k: torch.cat([uncond[k], v]) if torch.is_tensor(v) else v for k, v in cond.items()}
+        out = self.model_output(torch.cat([x_native, x_native]).to(dtype), torch.cat([t, t]), both)
+        out_u, out_c = out.to(x_native.dtype).chunk(2)
+        return out_u + self.guidance_scale * (out_c - out_u)  # linear in D for every parameterisation
+
+    def set_timesteps_kwargs(self, num_inference_steps: int, scheduler_config: Mapping[str, Any]) -> dict:
+        """What a diffusers pipeline passes to its scheduler's `set_timesteps` besides the step count: `mu` for
+        flow schedulers with `use_dynamic_shifting` (SD3's pipeline)."""
+        return {"mu": self.schedule.config.get("mu")} if scheduler_config.get("use_dynamic_shifting") else {}
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Optional[dict] = None,
                 uncond: Optional[dict] = None) -> torch.Tensor:
         """D(x; σ) in σ-space. `sigma` is a scalar or one value per batch element."""
@@ -231,16 +256,4 @@ class SigmaDenoiser(nn.Module):
             sigma = sigma.expand(x.shape[0])
         x_native = x * _bcast(self.schedule.native_scale(sigma), x)
         t = self.schedule.sigma_to_t(sigma).to(x.dtype)
-        dtype = next(self.model.parameters()).dtype
-        self.num_evals += 1
-        if self.guidance_scale != 1.0:
-            if uncond is None:
-                raise ValueError("guidance_scale != 1 needs `uncond` (the unconditional model kwargs)")
-            cond, uncond = flatten_kwargs(cond or {}), flatten_kwargs(uncond)
-            both = {k: torch.cat([uncond[k], v]) if torch.is_tensor(v) else v for k, v in cond.items()}
-            out = self.model_output(torch.cat([x_native, x_native]).to(dtype), torch.cat([t, t]), both).to(x.dtype)
-            out_u, out_c = out.chunk(2)
-            out = out_u + self.guidance_scale * (out_c - out_u)  # linear in D for every parameterisation
-        else:
-            out = self.model_output(x_native.to(dtype), t, cond).to(x.dtype)
-        return self.schedule.denoised(out, x, sigma)
+        return self.schedule.denoised(self.native_output(x_native, t, cond, uncond), x, sigma)

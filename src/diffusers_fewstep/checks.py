@@ -90,6 +90,14 @@ def check_init(option: str, value: str, allow_peer: bool = True) -> None:
         raise UsageError(f"{option} {value}: {err}" + (f", or {peers}" if allow_peer else "")) from None
 
 
+def check_reference_scheduler(option: str, value: str) -> None:
+    from .reference import REFERENCE_SCHEDULERS
+
+    if value not in REFERENCE_SCHEDULERS:
+        raise UsageError(f"{option} {value}: unknown reference; choose ode (a DPM-Solver++(2M) solve of the ODE) or "
+                         "pipeline (the model's own diffusers scheduler, as its pipeline samples)")
+
+
 CHECKS = {
     **{name: check_model for name in MODEL_OPTIONS},
     **{name: check_input_path for name in INPUT_PATHS},
@@ -99,6 +107,7 @@ CHECKS = {
     "solvers": check_solvers,
     "init": check_init,
     "phase1_init": partial(check_init, allow_peer=False),
+    "reference_scheduler": check_reference_scheduler,
 }
 
 

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .adapter import SigmaDenoiser, nest_kwargs
@@ -179,7 +180,7 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
             getattr(pipe, name).to(device)
     cond, uncond = _encode_all(pipe, family, prompts, _per_prompt(negative_prompt, len(prompts)), guided, device,
                                (height, width), batch_size)
-    config = dict(pipe.scheduler.config)
+    config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}  # for the pipeline reference
     mu = dynamic_shift(config, image_seq_len)
     kwargs = {"guidance_scale": guidance_scale if guided else 1.0, "mu": mu}
     model = model.to(device).eval()
@@ -213,6 +214,13 @@ class FluxSigmaDenoiser(SigmaDenoiser):
         txt_ids = x_native.new_zeros(kwargs["encoder_hidden_states"].shape[1], 3)  # as FluxPipeline.encode_prompt
         return self.model(x_native, timestep=t / 1000, img_ids=self.img_ids.to(x_native.dtype), txt_ids=txt_ids,
                           return_dict=False, **kwargs)[0]
+
+    def set_timesteps_kwargs(self, num_inference_steps: int, scheduler_config) -> dict:
+        """FluxPipeline's: its own σ's `linspace(1, 1/n, n)` unless the scheduler says `use_flow_sigmas`, and `mu`."""
+        kwargs = super().set_timesteps_kwargs(num_inference_steps, scheduler_config)
+        if not scheduler_config.get("use_flow_sigmas"):
+            kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        return kwargs
 
 
 def pipeline_family(pipe) -> str:

@@ -54,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-size", type=int, default=None, help="training paths shared by all NFEs")
     parser.add_argument("--validation-size", type=int, default=None, help="held-out noises that score the candidates")
     parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the table's logits")
-    parser.add_argument("--reference-steps", type=int, default=None, help="steps of the DPM-Solver++(2M) reference")
+    parser.add_argument("--reference-scheduler", default="ode",
+                        help="what the tables are fitted to and selected by, from the same noises: ode (a DPM-Solver++(2M) "
+                             "solve of the ODE) or pipeline (the image the pipeline makes: the model's own diffusers "
+                             "scheduler at --reference-steps, 50 by default)")
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help="steps of the reference (default: ode 200, on a CPU 32; pipeline 50)")
     parser.add_argument("--init", default=None,
                         help="one more candidate table: a baseline (ddim_trailing, karras, loguniform, ddim_leading)")
     parser.add_argument("--data", default=None,
@@ -107,8 +112,9 @@ def _kept(result: ScheduleResult, nfe: int) -> dict:
 
 def summary_lines(result: ScheduleResult, measure: str) -> list:
     """Per NFE: the kept table against DDIM (trailing) and the best stock table, on the held-out noises."""
-    lines = [f"held-out {measure} against the reference solutions (lower is better; "
-             f"{result.settings['validation_size']} noises the optimiser never trained on):",
+    s = result.settings
+    lines = [f"held-out {measure} against the reference solutions ({s['reference_solver']}, {s['reference_steps']} "
+             f"steps; lower is better; {s['validation_size']} noises the optimiser never trained on):",
              f"{'NFE':>4}  {'kept':<34} {measure:>9}  {'DDIM trailing':>13}  {'kept vs DDIM':>12}  best stock table"]
     for nfe in result.tables:
         cands = result.candidates[nfe]
@@ -165,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         num_iters=pick("max_iters"), batch_size=pick("batch_size"), lr=args.lr,
         validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data, cond=cond, uncond=uncond,
         init=initial_tables(args.init, args.nfe, config), existing={n: v for n, v in existing.items() if n in args.nfe},
-        reference_steps=pick("reference_steps"), seed=args.seed, device=device, progress=not args.quiet,
+        reference_steps=args.reference_steps if args.reference_scheduler == "pipeline" else pick("reference_steps"),
+        reference_scheduler=args.reference_scheduler, seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, on_table=save)
     if result.settings["validation_size"]:

@@ -29,9 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import learning, objectives
+from . import learning, objectives, reference
 from .learning import MonotoneSigmas  # noqa: F401  (part of this module's API)
-from .reference import REFERENCE_SOLVER
 from .schedules import baseline_sigmas, stock_tables, validate_sigmas
 from .selection import Candidate, Paths, best, check_measure, score
 from .solvers import SOLVERS, canonical_solver
@@ -135,6 +134,14 @@ class _CountingDenoiser:
         with torch.autocast(self.device_type, dtype=self.autocast_dtype):
             return self.denoiser(x, sigma, **extra).float()
 
+    def native_output(self, x_native, t, **extra):
+        """The model's native output at a diffusers timestep (the pipeline reference's loop), counted."""
+        self.calls += 1
+        return self.denoiser.native_output(x_native, t, **extra)
+
+    def set_timesteps_kwargs(self, num_inference_steps, scheduler_config):
+        return self.denoiser.set_timesteps_kwargs(num_inference_steps, scheduler_config)
+
     def __call__(self, x, sigma, **extra):
         self.calls += 1
         if self.checkpointing and torch.is_grad_enabled():
@@ -202,7 +209,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                       pool_size: Optional[int] = None, data: Optional[torch.Tensor] = None,
                       cond: Optional[dict] = None, uncond: Optional[dict] = None,
                       sample_shape: Optional[Sequence[int]] = None, init: Union[None, str, dict, Sequence[float]] = None,
-                      existing: Optional[Dict[int, tuple]] = None, reference_steps: int = 200, seed: int = 0,
+                      existing: Optional[Dict[int, tuple]] = None, reference_steps: Optional[int] = None,
+                      reference_scheduler: Any = "ode", seed: int = 0,
                       device: Optional[Union[str, torch.device]] = None, progress: bool = True,
                       patience: Optional[int] = 30, mixed_precision: Optional[str] = None,
                       gradient_checkpointing: bool = False, sigma_data: float = 0.5, strata: int = 1,
@@ -246,7 +254,13 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
             `{nfe: table}`), e.g. the previous round's tables; the start of the bound objectives.
         existing (`dict[int, tuple]`, *optional*): `{nfe: (table, solver)}` already saved in the output folder:
             candidates too, so a table is replaced only by a better one.
-        reference_steps (`int`, *optional*, defaults to 200): steps of the reference solve.
+        reference_steps (`int`, *optional*): steps of the reference; defaults to 200 (`ode`) or 50 (`pipeline`).
+        reference_scheduler (`str` or `SchedulerMixin`, *optional*, defaults to `"ode"`): what the targets and the
+            held-out scores compare the few-step samples with, from the same native noises: `ode` (the
+            DPM-Solver++(2M) solve of the probability-flow ODE, :func:`~diffusers_fewstep.reference.solve`) or
+            `pipeline` (the image the pipeline makes by default: the diffusers scheduler its scheduler config names,
+            driven as diffusers' pipelines drive it, :func:`~diffusers_fewstep.reference.solve_pipeline`); a
+            diffusers scheduler instance (e.g. `pipe.scheduler`) is driven as `pipeline`.
         seed (`int`, *optional*, defaults to 0): seeds every random draw (results are deterministic).
         device (`str`, *optional*): where to run; defaults to the denoiser's device.
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
@@ -290,6 +304,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
     sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(denoiser)
     if data is not None and tuple(data.shape[1:]) != sample_shape:
         raise ValueError(f"data images have shape {tuple(data.shape[1:])}; the model's samples have {sample_shape}")
+    truth = reference.choose(reference_scheduler, reference_denoiser or denoiser, reference_steps)
     pool_size = pool_size or max(batch_size, min(8 * batch_size, 1024))
     model_fn = _CountingDenoiser(denoiser, _resolve_precision(mixed_precision, device), device.type,
                                  gradient_checkpointing)
@@ -300,7 +315,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 "starts": starts, "free_last": free_last, "method": method, "num_iters": num_iters,
                 "batch_size": batch_size, "lr": lr, "validation_size": validation_size, "pool_size": pool_size,
                 "init": init if isinstance(init, str) or init is None else "custom",
-                "reference_steps": reference_steps, "reference_solver": REFERENCE_SOLVER, "seed": seed,
+                **truth.settings(), "seed": seed,
                 "patience": patience, "mixed_precision": str(model_fn.autocast_dtype or "no"),
                 "gradient_checkpointing": gradient_checkpointing, "sigma_data": sigma_data, "strata": strata,
                 "damping": damping, "tol": tol, "sample_shape": list(sample_shape), "device": str(device),
@@ -314,14 +329,14 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         generator = torch.Generator().manual_seed(seed)
         pool = Paths(pool_size, sample_shape, device, generator, cond, uncond)
         if objective == "trajectory" or data is None:
-            pool.solve_references(full_fn, reference_steps, batch_size, progress)
+            pool.solve_references(full_fn, truth, batch_size, progress)
         if objective != "trajectory":
             pick = torch.randint(0, len(data), (pool_size,), generator=generator) if data is not None else None
             pool.x0 = pool.reference if data is None else data[pick].to(device=device, dtype=torch.float32)
         held_out = None
         if validation_size:
             held_out = Paths(validation_size, sample_shape, device, torch.Generator().manual_seed(seed + 1), cond, uncond)
-            held_out.solve_references(full_fn, reference_steps, 4 * batch_size, progress)
+            held_out.solve_references(full_fn, truth, 4 * batch_size, progress)
             if features is not None:
                 held_out.featurize_references(features, 4 * batch_size)
             if features is not None and data is not None and cond is None:  # fd_data, its own draws

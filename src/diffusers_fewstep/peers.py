@@ -35,19 +35,11 @@ from .solvers import first_order_step
 # the registry (per model family) and `diffusers_scheduler` live with the stock σ sets in schedules.py
 @torch.no_grad()
 def sample_diffusers(unet, scheduler, noise: torch.Tensor, nfe: int, batch_size: int = 2500) -> torch.Tensor:
-    """Sample with a diffusers scheduler at `nfe` steps from native noise, clamped to [-1, 1] (the loop of
-    diffusers' pipelines; flow-matching schedulers have neither `init_noise_sigma` nor `scale_model_input`)."""
-    out = []
-    for start in range(0, len(noise), batch_size):
-        scheduler.set_timesteps(nfe, device=noise.device)
-        x = noise[start:start + batch_size] * getattr(scheduler, "init_noise_sigma", 1.0)
-        for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            with autocast_context(noise.device):
-                eps = unet(x_in, t).sample
-            x = scheduler.step(eps.float(), t, x).prev_sample
-        out.append(x.clamp(-1, 1))
-    return torch.cat(out)
+    """Sample an unconditional model with a diffusers scheduler at `nfe` steps from native noise, clamped to
+    [-1, 1] (the loop of diffusers' pipelines, :func:`~diffusers_fewstep.reference.scheduler_loop`)."""
+    model_output = lambda x, t: unet(x, t).sample  # noqa: E731
+    return torch.cat([reference.scheduler_loop(model_output, scheduler, noise[start:start + batch_size], nfe, clamp=True)
+                      for start in range(0, len(noise), batch_size)])
 
 
 # --- 2. GITS: dynamic programming over a teacher's fine grid ------------------------------------------------

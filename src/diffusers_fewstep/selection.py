@@ -1,9 +1,9 @@
 """Paths with reference solutions, and the held-out selection that keeps the best table (DESIGN.md §3).
 
-A :class:`Paths` set holds native noises, their reference solutions (the one reference solve,
-:mod:`~diffusers_fewstep.reference`) and, per path, its row of the conditioning. Phase 1 trains on one
-set and scores candidate tables on another it never trained on (`held_out`). Measures, all against the
-references of the same noises, lower is better:
+A :class:`Paths` set holds native noises, their reference solutions (the one reference solve, or the
+pipeline's own scheduler: :class:`~diffusers_fewstep.reference.Reference`) and, per path, its row of the
+conditioning. Phase 1 trains on one set and scores candidate tables on another it never trained on
+(`held_out`). Measures, all against the references of the same noises, lower is better:
 
 - ``rmse``: endpoint RMSE (per-sample RMSE, averaged); rewards blur at 8–10 steps (docs/method.md);
 - ``feature``: LPIPS-style distance in the model's own features (:func:`~diffusers_fewstep.features.feature_distance`);
@@ -79,9 +79,9 @@ class Paths:
             yield idx, idx.to(self.noise.device), extra_args(self.cond, self.uncond, idx)
 
     @torch.no_grad()
-    def solve_references(self, denoiser, steps: int, batch_size: int, progress: bool = False) -> None:
-        """The one reference solve of every path."""
-        refs = [reference.solve(denoiser, self.noise[dev], steps, extra_args=extra)
+    def solve_references(self, denoiser, truth: reference.Reference, batch_size: int, progress: bool = False) -> None:
+        """The reference solution of every path (`truth`: the ODE solve or the pipeline's own scheduler)."""
+        refs = [truth(denoiser, self.noise[dev], extra_args=extra)
                 for _, dev, extra in tqdm(list(self.batches(batch_size)), desc="reference solves", disable=not progress)]
         self.reference = torch.cat(refs)
 
