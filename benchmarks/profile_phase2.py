@@ -3,7 +3,8 @@
 One step is what `train._phase2` does per optimiser step: `finetune.phase2_loss` on a batch of teacher
 trajectories (4-step DDIM-trailing table, `--target`), backward, gradient clipping, AdamW step. Variants:
 fp32; bf16 autocast (`--mixed_precision bf16`); + channels-last weights (`--channels_last`); + torch.compile
-(`--compile`); + fused AdamW (`--use_fused_adamw`); all three; LoRA (peft) on `finetune.LORA_TARGET_MODULES`,
+(`--compile`); + fused AdamW (`--use_fused_adamw`); all three; the trajectory's N steps in one batched call
+(`--phase2_batch_steps`), alone, compiled, and compiled with CUDA graphs (mode "reduce-overhead"); LoRA (peft) on `finetune.LORA_TARGET_MODULES`,
 on the attention projections only, and on the Linear layers only (no convolution adapters). Then the
 teacher trajectories: one batch per optimiser step (fresh) against the per-round pool `train.build_pool`
 makes (`--pool_size`, amortised over `--phase2_steps`).
@@ -44,6 +45,11 @@ VARIANTS = {
     "bf16+compile": {"bf16": True, "compile": True},
     "bf16+fused_adamw": {"bf16": True, "fused": True},
     "bf16+channels_last+compile+fused_adamw": {"bf16": True, "channels_last": True, "compile": True, "fused": True},
+    "bf16+channels_last+batch_steps": {"bf16": True, "channels_last": True, "batch_steps": True},
+    "fp32+batch_steps": {"batch_steps": True},
+    "bf16+channels_last+batch_steps+compile": {"bf16": True, "channels_last": True, "batch_steps": True, "compile": True},
+    "bf16+channels_last+batch_steps+cudagraphs": {"bf16": True, "channels_last": True, "batch_steps": True,
+                                                  "compile": "reduce-overhead"},
     "bf16+lora": {"bf16": True, "lora": "all"},
     "bf16+lora_attention": {"bf16": True, "lora": "attention"},
     "bf16+lora_no_conv": {"bf16": True, "lora": "no_conv"},
@@ -120,7 +126,8 @@ def build_student(args, settings: dict, config: dict):
     if settings.get("channels_last"):
         unet.to(memory_format=torch.channels_last)
     if settings.get("compile"):
-        unet.compile(backend=compile_backend(args.device))
+        mode = settings["compile"] if isinstance(settings["compile"], str) else None  # reduce-overhead: CUDA graphs
+        unet.compile(backend=compile_backend(args.device), **({"mode": mode} if mode and args.device != "cpu" else {}))
     params = [p for p in unet.parameters() if p.requires_grad]
     fused = True if settings.get("fused") and torch.device(args.device).type == "cuda" else None
     return SigmaDenoiser(unet, config), torch.optim.AdamW(params, lr=1e-6, fused=fused), params
@@ -170,7 +177,8 @@ def time_variant(args, name: str, states, table, config) -> dict:
 
     def step():
         with autocast(args, settings):
-            loss, _ = phase2_loss(student, states, table, args.target, args.solver)
+            loss, _ = phase2_loss(student, states, table, args.target, args.solver,
+                                  batch_steps=bool(settings.get("batch_steps")))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

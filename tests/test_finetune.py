@@ -140,6 +140,31 @@ def test_pseudo_huber_phase2_loss_and_its_step_weights():
         phase2_loss(student, states, table, loss="l1")
 
 
+@pytest.mark.parametrize("solver", ["euler", "unipc"])
+def test_batched_trajectory_loss_is_the_sequential_one(solver):
+    """batch_steps=True: the solve without gradients, then the N steps in one call: the same per-step losses and
+    the same gradient as the step-by-step loss (a dropout-free model; N − 1 no-grad calls and one batched call)."""
+    student = SigmaDenoiser(tiny_unet(), CONFIG)
+    table = four_step_table(student.schedule)
+    teacher = SigmaDenoiser(make_teacher(tiny_unet(1), use_lora=False), CONFIG)
+    states = teacher_states(teacher, torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(4)), table, 10)
+    results = []
+    for batch_steps in (False, True):
+        student.zero_grad()
+        calls = []
+        hook = student.model.register_forward_hook(lambda m, i, o: calls.append((i[0].shape[0], torch.is_grad_enabled())))
+        total, logs = phase2_loss(student, states, table, solver=solver, batch_steps=batch_steps)
+        hook.remove()
+        total.backward()
+        results.append((float(total), logs, torch.cat([p.grad.flatten() for p in student.parameters()]), calls))
+    (seq, seq_logs, seq_grad, seq_calls), (bat, bat_logs, bat_grad, bat_calls) = results
+    assert seq_calls == [(6, True)] * 4 and bat_calls == [(6, False)] * 3 + [(24, True)]
+    assert bat == pytest.approx(seq, rel=1e-5)
+    for i in range(4):
+        assert bat_logs[f"step_{i}"] == pytest.approx(seq_logs[f"step_{i}"], rel=1e-4)
+    assert float((bat_grad - seq_grad).norm() / seq_grad.norm()) < 1e-4
+
+
 @pytest.mark.parametrize("target,loss", [("interval_average", "l2"), ("trajectory", "l2"), ("trajectory", "pseudo_huber")])
 def test_phase2_learns_its_target_and_cuts_the_few_step_error(target, loss):
     """25 Adam steps of either target (and either distance) cut its held-out loss and the 4-step endpoint error

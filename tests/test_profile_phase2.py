@@ -9,7 +9,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ["fp32", "bf16", "bf16+channels_last", "bf16+compile", "bf16+fused_adamw", "bf16+channels_last+compile+fused_adamw",
-       "bf16+lora", "bf16+lora_attention", "bf16+lora_no_conv"]
+       "bf16+channels_last+batch_steps", "fp32+batch_steps", "bf16+channels_last+batch_steps+compile",
+       "bf16+channels_last+batch_steps+cudagraphs", "bf16+lora", "bf16+lora_attention", "bf16+lora_no_conv"]
 NO_COMPILE = [v for v in ALL if "compile" not in v]
 
 

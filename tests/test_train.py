@@ -317,7 +317,8 @@ def test_several_step_counts_trained_evaluated_and_compared(tiny_pipeline, tmp_p
 
 def test_fixed_tables_skip_phase_one_and_the_reference_row_can_be_left_out(tiny_pipeline, tmp_path, monkeypatch):
     """--phase1_iters 0 holds --phase1_init's table without any reference solve (optimize_schedule is never called);
-    --no-compare_reference leaves the reference solve out of the final comparison; --phase2_loss reaches the loss."""
+    --no-compare_reference leaves the reference solve out of the final comparison; --phase2_loss and --phase2_batch_steps
+    reach the loss."""
     from diffusers_fewstep import optimizer, train
     from diffusers_fewstep.adapter import NoiseSchedule
     from diffusers_fewstep.schedules import baseline_sigmas
@@ -325,17 +326,18 @@ def test_fixed_tables_skip_phase_one_and_the_reference_row_can_be_left_out(tiny_
     monkeypatch.setattr(optimizer, "optimize_schedule", lambda *a, **k: pytest.fail("Phase 1 ran"))
     losses = []
     original = train.phase2_loss
-    monkeypatch.setattr(train, "phase2_loss", lambda *a, **k: (losses.append(k["loss"]), original(*a, **k))[1])
+    monkeypatch.setattr(train, "phase2_loss", lambda *a, **k: (losses.append((k["loss"], k["batch_steps"])),
+                                                                  original(*a, **k))[1])
     out = str(tmp_path / "out")
     train.main(train.parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1",
                                  "--phase2_steps", "2", "--checkpointing_steps", "100", *FAST, "--phase1_iters", "0",
                                  "--phase1_init", "ddim_trailing", "--phase2_loss", "pseudo_huber",
-                                 "--compare_nfe", "4", "--no-compare_reference"]))
+                                 "--phase2_batch_steps", "--compare_nfe", "4", "--no-compare_reference"]))
     with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
         config = json.load(f)
     expected = baseline_sigmas("ddim_trailing", 2, NoiseSchedule(config)).tolist()
     assert _tables(out)["2"] == pytest.approx(expected, rel=1e-6)
-    assert losses == ["pseudo_huber"] * 2
+    assert losses == [("pseudo_huber", True)] * 2
     with open(os.path.join(out, "metrics.json")) as f:
         rows = json.load(f)["step_counts"]
     assert [(r["nfe"], r["table"]) for r in rows] == [(2, "learned"), (4, "ddim_trailing")]

@@ -125,6 +125,17 @@ def _distance(a: torch.Tensor, b: torch.Tensor, loss: str) -> torch.Tensor:
     return endpoint_loss(a.float(), b.float(), loss)
 
 
+def _batched_loss(student: Callable, xs: torch.Tensor, targets: torch.Tensor, sigmas: torch.Tensor,
+                  cond: Optional[dict], uncond: Optional[dict], step_weights, loss: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The N per-step losses ‖D_θ(x_i; σ_i) − target_i‖ with all N steps through the student in one batch
+    (`xs`, `targets`: `(N, B, …)`). Returns (weighted loss, per-step losses)."""
+    n, batch = xs.shape[:2]
+    sigma = sigmas[:n].repeat_interleave(batch)
+    denoised = student(xs.flatten(0, 1), sigma, **_kwargs(_repeat_rows(cond, n), _repeat_rows(uncond, n)))
+    per_step = _distance(denoised, targets.flatten(0, 1), loss).view(n, batch).mean(1)
+    return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
+
+
 def interval_average_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor,
                           cond: Optional[dict] = None, step_weights=None,
                           uncond: Optional[dict] = None, loss: str = "l2") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,23 +144,27 @@ def interval_average_loss(student: Callable, states: torch.Tensor, sigmas: torch
     All N steps go through the student in one batch. Returns (loss, per-step losses).
     """
     n = len(sigmas) - 1
-    batch = states.shape[1]
     targets = torch.stack([step_target("euler", states[i], sigmas, i, None, states[i + 1]) for i in range(n)])
-    x = states[:n].flatten(0, 1)
-    sigma = sigmas[:n].repeat_interleave(batch)
-    per_sample = _distance(student(x, sigma, **_kwargs(_repeat_rows(cond, n), _repeat_rows(uncond, n))),
-                           targets.flatten(0, 1), loss).view(n, batch)
-    per_step = per_sample.mean(1)
-    return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
+    return _batched_loss(student, states[:n], targets, sigmas, cond, uncond, step_weights, loss)
 
 
 def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str = "euler",
                     cond: Optional[dict] = None, step_weights=None,
-                    uncond: Optional[dict] = None, loss: str = "l2") -> Tuple[torch.Tensor, torch.Tensor]:
+                    uncond: Optional[dict] = None, loss: str = "l2",
+                    batch_steps: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Target (b): along the student's own few-step solve x̂_0 → … → x̂_N, D_θ(x̂_i; σ_i) should
     make the step land on the teacher's x(σ_{i+1}). The solve itself is not back-propagated
-    through (each step's D is detached before advancing). Returns (loss, per-step losses)."""
+    through (each step's D is detached before advancing). Returns (loss, per-step losses).
+
+    `batch_steps=True` computes the same loss in two passes: the solve without gradients (N − 1 student
+    calls), then all N steps through the student in one batch with gradients. Where a step is bound by the
+    per-call overhead (kernel launches of a small model), one big call costs about what one small one does.
+    """
     n = len(sigmas) - 1
+    if batch_steps:
+        with torch.no_grad():
+            xs, targets = _solver_states(student, states, sigmas, solver, cond, uncond)
+        return _batched_loss(student, xs, targets, sigmas, cond, uncond, step_weights, loss)
     x, state, losses = states[0], None, []
     for i in range(n):
         target = step_target(solver, x, sigmas, i, state, states[i + 1])
@@ -158,6 +173,20 @@ def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tenso
         x, state = solvers.step(solver, x, denoised.detach().to(x.dtype), sigmas, i, state)
     per_step = torch.stack(losses)
     return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
+
+
+def _solver_states(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str,
+                   cond: Optional[dict], uncond: Optional[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The student's own states x̂_0 … x̂_{N−1} and the landing targets at each, `(N, B, …)` both."""
+    n = len(sigmas) - 1
+    x, state, xs, targets = states[0], None, [], []
+    for i in range(n):
+        xs.append(x)
+        targets.append(step_target(solver, x, sigmas, i, state, states[i + 1]))
+        if i < n - 1:  # the last step's D moves nothing the loss sees
+            denoised = student(x, sigmas[i], **_kwargs(cond, uncond)).to(x.dtype)
+            x, state = solvers.step(solver, x, denoised, sigmas, i, state)
+    return torch.stack(xs), torch.stack(targets)
 
 
 def denoising_loss(student: Callable, x0: torch.Tensor, sigmas: torch.Tensor, generator: Optional[torch.Generator] = None,
@@ -183,7 +212,7 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
                 solver: str = "euler", x0: Optional[torch.Tensor] = None, denoising_weights=None,
                 step_weights=None, step_weighting: str = "propagated", generator: Optional[torch.Generator] = None,
                 cond: Optional[dict] = None, uncond: Optional[dict] = None,
-                loss: str = "l2") -> Tuple[torch.Tensor, Dict[str, float]]:
+                loss: str = "l2", batch_steps: bool = False) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The Phase-2 loss for one batch of teacher trajectories.
 
     Args:
@@ -206,6 +235,8 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
             prompts); every student call, the denoising loss's included, is then guided as the teacher is.
         loss (`str`, *optional*, defaults to `"l2"`): per-sample distance of the target losses, `"l2"` (mean
             squared error) or `"pseudo_huber"` (√(MSE + c²) − c, arXiv 2310.14189).
+        batch_steps (`bool`, *optional*, defaults to `False`): target `"trajectory"`: the solve without
+            gradients first, then all N steps through the student in one batch (:func:`trajectory_loss`).
 
     Returns:
         (loss, logs) with per-step losses `step_i` and the denoising term as floats.
@@ -215,7 +246,8 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
     if target == "interval_average":
         total, per_step = interval_average_loss(student, states, sigmas, cond, step_weights, uncond, loss)
     elif target == "trajectory":
-        total, per_step = trajectory_loss(student, states, sigmas, solver, cond, step_weights, uncond, loss)
+        total, per_step = trajectory_loss(student, states, sigmas, solver, cond, step_weights, uncond, loss,
+                                          batch_steps)
     else:
         raise ValueError(f"unknown Phase-2 target {target!r}; choose one of {list(PHASE2_TARGETS)}")
     logs = {f"step_{i}": float(v) for i, v in enumerate(per_step)}
