@@ -123,21 +123,40 @@ def test_bad_reference_choices_say_what_to_do():
         reference.choose("pipeline", tiny_denoiser({**VP, "_class_name": "LearnedScheduleScheduler"}))
 
 
-def test_cli_reference_scheduler_pipeline(tmp_path, capsys):
-    """`--reference-scheduler pipeline` on a saved SD pipeline with the fixture's PNDM config: fitted to 50 PNDM
-    steps (the pipelines' default), and optimize_log.json / the scheduler's provenance say so."""
+@pytest.mark.parametrize("given", [True, False], ids=["given", "default"])
+def test_cli_reference_scheduler_pipeline(tmp_path, capsys, given):
+    """`--reference-scheduler pipeline` (given, or the default of a text-to-image pipeline) on a saved SD pipeline
+    with the fixture's PNDM config: fitted to 50 PNDM steps (the pipelines' default), and optimize_log.json / the
+    scheduler's provenance say so."""
     _sd(PNDMScheduler(skip_prk_steps=True, **PNDM_SD)).save_pretrained(tmp_path / "sd")
     (tmp_path / "prompts.txt").write_text("a photo of a sneaker\nan ankle boot\n")
     tiny = ["--max-iters", "1", "--batch-size", "2", "--pool-size", "2", "--validation-size", "2", "--device", "cpu",
             "--quiet", "--nfe", "2", "--solver", "euler", "--guidance-scale", "3"]
     assert main(["optimize", "--model", str(tmp_path / "sd"), "--prompts-file", str(tmp_path / "prompts.txt"), *tiny,
-                 "--reference-scheduler", "pipeline", "--output-dir", str(tmp_path / "out")]) == 0
+                 *(["--reference-scheduler", "pipeline"] if given else []), "--output-dir", str(tmp_path / "out")]) == 0
     settings = json.loads((tmp_path / "out" / "optimize_log.json").read_text())["settings"]
     assert (settings["reference_scheduler"], settings["reference_solver"], settings["reference_steps"]) == (
         "pipeline", "PNDMScheduler", 50)
     config = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert config["provenance"]["settings"]["reference_solver"] == "PNDMScheduler"
     assert "against the reference solutions (PNDMScheduler, 50 steps;" in capsys.readouterr().out
+
+
+def test_cli_text_to_image_default_reference_falls_back_to_the_ode_for_a_stochastic_scheduler(tmp_path, capsys):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    _sd(EulerAncestralDiscreteScheduler(**{k: v for k, v in PNDM_SD.items() if k != "set_alpha_to_one"})).save_pretrained(
+        tmp_path / "sd")
+    (tmp_path / "prompts.txt").write_text("a photo of a sneaker\n")
+    assert main(["optimize", "--model", str(tmp_path / "sd"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "--max-iters", "1", "--batch-size", "2", "--pool-size", "2", "--validation-size", "2", "--device", "cpu",
+                 "--nfe", "2", "--solver", "euler", "--reference-steps", "4", "--output-dir", str(tmp_path / "out")]) == 0
+    settings = json.loads((tmp_path / "out" / "optimize_log.json").read_text())["settings"]
+    assert (settings["reference_scheduler"], settings["reference_solver"], settings["reference_steps"]) == (
+        "ode", "dpmpp_2m", 4)
+    assert ("reference: the ODE solve, not the pipeline's scheduler (reference_scheduler='pipeline': the model's "
+            "EulerAncestralDiscreteScheduler adds fresh noise at every step, so a noise has no single reference "
+            "solution)") in capsys.readouterr().out
 
 
 def test_cli_reference_scheduler_errors(tmp_path, capsys):

@@ -54,10 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-size", type=int, default=None, help="training paths shared by all NFEs")
     parser.add_argument("--validation-size", type=int, default=None, help="held-out noises that score the candidates")
     parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the table's logits")
-    parser.add_argument("--reference-scheduler", default="ode",
+    parser.add_argument("--reference-scheduler", default=None,
                         help="what the tables are fitted to and selected by, from the same noises: ode (a DPM-Solver++(2M) "
-                             "solve of the ODE) or pipeline (the image the pipeline makes: the model's own diffusers "
-                             "scheduler at --reference-steps, 50 by default)")
+                             "solve of the ODE; the default) or pipeline (the image the pipeline makes: the model's own "
+                             "diffusers scheduler at --reference-steps, 50 by default; the default for text-to-image "
+                             "pipelines whose scheduler is deterministic)")
     parser.add_argument("--reference-steps", type=int, default=None,
                         help="steps of the reference (default: ode 200, on a CPU 32; pipeline 50)")
     parser.add_argument("--init", default=None,
@@ -133,6 +134,22 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.4g}"
 
 
+def default_reference(t2i, quiet: bool = False) -> str:
+    """`pipeline` for a text-to-image pipeline (users compare with the image it makes by default) whose scheduler
+    has one solution per noise, else `ode`."""
+    from .reference import pipeline_scheduler
+
+    if t2i is None:
+        return "ode"
+    try:
+        pipeline_scheduler(t2i.scheduler_config)
+    except ValueError as err:
+        if not quiet:
+            print(f"reference: the ODE solve, not the pipeline's scheduler ({str(err).split(';')[0]})")
+        return "ode"
+    return "pipeline"
+
+
 def run(args: argparse.Namespace) -> int:
     """Learn, select and save the tables; print the held-out comparison and where the files are."""
     from .adapter import SigmaDenoiser
@@ -152,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     t2i = load_from_args(args, device)  # a text-to-image pipeline with prompts, or None
     args.loss = args.loss or ("l2" if t2i is not None else "feature")
     args.select_by = args.select_by or ("rmse" if t2i is not None else "fd_self")
+    args.reference_scheduler = args.reference_scheduler or default_reference(t2i, args.quiet)
     if t2i is not None:
         denoiser, config, cond, uncond = t2i.denoiser, t2i.scheduler_config, t2i.cond, t2i.uncond
     else:
