@@ -111,6 +111,40 @@ def test_sd_tiny_trains_loads_and_evaluates(tmp_path):
     assert {"results.md", "grid.png"} <= set(os.listdir(out))
     assert "| DDIM trailing |" in open(out / "results.md").read()
 
+    # a train_fewstep.py output folder (tables + LoRA): its row samples with the LoRA, the others without it
+    tuned = fake_learned_folder(folder, tmp_path / "tuned-sd")
+    save_random_lora(pipe, tuned)
+    out2 = tmp_path / "eval-tuned"
+    evaluate_t2i.main(["--pipeline", folder, "--classifier", CLASSIFIER, "--data", DATA, "--n", "20", "--batch", "10",
+                       "--out", str(out2), "--nfes", "2", "--rows", "ddim_trailing", "--reference-steps", "5",
+                       "--fd-ref-limit", "200", "--scheduler-folder", tuned, "--scheduler-folder", learned,
+                       "--device", "cpu"])
+    rows = json.load(open(out2 / "results.json"))["rows"]
+    assert rows["learned:tuned-sd"]["tuned"] == "LoRA" and rows["learned:learned-sd"]["tuned"] is None
+    assert rows["learned:tuned-sd"]["label"].endswith(", LoRA)")
+    plain, with_lora = rows["learned:learned-sd"]["results"]["2"], rows["learned:tuned-sd"]["results"]["2"]
+    assert plain == {**result["rows"]["learned:learned-sd"]["results"]["2"], "seconds": plain["seconds"]}
+    assert abs(with_lora["rmse"] - plain["rmse"]) > 1e-3  # same tables, other model
+
+
+def save_random_lora(pipe, folder):
+    """A rank-4 LoRA on the attention projections of `pipe`'s UNet with random (non-zero) weights, saved in diffusers'
+    format into `folder`; `pipe` itself is left without it."""
+    import copy
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusers_fewstep.finetune import TEXT_TO_IMAGE_LORA_MODULES, add_lora
+
+    unet = add_lora(copy.deepcopy(pipe.unet), rank=4, target_modules=TEXT_TO_IMAGE_LORA_MODULES, in_place=True)
+    torch.manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    type(pipe).save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+
 
 @pytest.mark.slow
 @needs_data

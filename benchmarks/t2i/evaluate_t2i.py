@@ -20,6 +20,7 @@ the prompted class; FD-FMNIST against the Fashion-MNIST test set. Writes results
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -160,7 +161,8 @@ def evaluate_rows(pipe, rows: dict, nfes: List[int], ctx: dict, scorer, grid: di
             if supported is not None and nfe not in supported:
                 entry.setdefault("missing_nfes", []).append(nfe)
                 continue
-            images, scores = timed_row(pipe, scheduler, nfe, ctx, scorer)
+            with tuned_model(pipe, info):
+                images, scores = timed_row(pipe, scheduler, nfe, ctx, scorer)
             entry["results"][str(nfe)] = scores
             if nfe == grid_nfe:
                 grid[key] = images[:len(CLASS_NAMES)]
@@ -184,7 +186,9 @@ def all_rows(pipe, args) -> dict:
 
 
 def learned_row(folder: str, name: str, base_config) -> tuple:
-    """(scheduler, label, its NFEs, info) for a learned schedule folder, checked against the pipeline's schedule."""
+    """(scheduler, label, its NFEs, info) for a learned schedule folder, checked against the pipeline's schedule. A
+    `scripts/train_fewstep.py` output folder also holds the tuned model: its LoRA (`pytorch_lora_weights.safetensors`,
+    diffusers' format) or its full `unet/`; the row then samples with it (`info["tuned"]`)."""
     scheduler = load_learned(folder)
     if hasattr(scheduler, "check_compatible"):
         scheduler.check_compatible(base_config)
@@ -192,8 +196,34 @@ def learned_row(folder: str, name: str, base_config) -> tuple:
     # newer versions may learn a different solver per step count (`solver_for`)
     solvers = {str(n): scheduler.solver_for(n) if hasattr(scheduler, "solver_for") else scheduler.config.solver
                for n in nfes}
-    label = f"learned {name} ({'/'.join(sorted(set(solvers.values())) or [scheduler.config.solver])})"
-    return scheduler, label, set(nfes), {"folder": folder, "solvers": solvers}
+    tuned = next((kind for kind, path in TUNED.items() if os.path.exists(os.path.join(folder, path))), None)
+    label = f"{'tuned' if tuned else 'learned'} {name} ({'/'.join(sorted(set(solvers.values())) or [scheduler.config.solver])}"
+    label += f", {tuned})" if tuned else ")"
+    return scheduler, label, set(nfes), {"folder": folder, "solvers": solvers, "tuned": tuned}
+
+
+TUNED = {"LoRA": "pytorch_lora_weights.safetensors", "unet": os.path.join("unet", "config.json")}
+
+
+@contextlib.contextmanager
+def tuned_model(pipe, info: dict):
+    """The pipeline samples with a row's tuned model inside the block (LoRA loaded, or the tuned UNet swapped in), and
+    with its own model again after it."""
+    if info.get("tuned") == "LoRA":
+        pipe.load_lora_weights(info["folder"])
+        try:
+            yield
+        finally:
+            pipe.unload_lora_weights()
+    elif info.get("tuned") == "unet":
+        base = pipe.unet
+        pipe.unet = type(base).from_pretrained(os.path.join(info["folder"], "unet")).to(base.device, base.dtype)
+        try:
+            yield
+        finally:
+            pipe.unet = base
+    else:
+        yield
 
 
 # --- reports -----------------------------------------------------------------------------------------------------
@@ -253,7 +283,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder: results.json, results.md, grid.png")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--scheduler-folder", action="append", default=[], help="learned scheduler folder (repeatable)")
+    p.add_argument("--scheduler-folder", action="append", default=[],
+                   help="learned scheduler folder, or a train_fewstep.py output folder (its LoRA or unet/ is used too; repeatable)")
     p.add_argument("--nfes", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     p.add_argument("--rows", nargs="*", default=None, help="stock rows to run (default all): " +
                    ", ".join(list(SD_PEERS) + list(sd3_peers(3.0))))
