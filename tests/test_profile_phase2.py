@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ["fp32", "bf16", "bf16+channels_last", "bf16+compile", "bf16+fused_adamw", "bf16+channels_last+compile+fused_adamw",
        "bf16+channels_last+batch_steps", "fp32+batch_steps", "bf16+channels_last+batch_steps+compile",
        "bf16+channels_last+batch_steps+cudagraphs", "bf16+lora", "bf16+lora_attention", "bf16+lora_no_conv"]
-NO_COMPILE = [v for v in ALL if "compile" not in v]
+COMPILED = lambda name: "compile" in name or "cudagraphs" in name  # noqa: E731
+NO_COMPILE = [v for v in ALL if not COMPILED(v)]
 
 
 def _tiny_unet():
@@ -42,7 +43,7 @@ def test_profile_phase2_tiny_on_cpu(tmp_path, variants):
         assert r["repeats"] == 2 and 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"], name
         assert r["samples_per_s"] == 8 / r["median_ms"] * 1000
         assert f"\n{name} " in proc.stdout
-        assert r["backend"] == ("eager" if "compile" in name else None)  # inductor on CUDA only
+        assert r["backend"] == ("eager" if COMPILED(name) else None)  # inductor on CUDA only
     assert not timings["bf16+fused_adamw"]["fused_adamw"]  # CUDA only
     # full fine-tuning trains every weight; the LoRA target sets shrink: all > Linear layers only > attention only
     assert timings["fp32"]["trainable_params"] == _tiny_unet_params()
