@@ -7,6 +7,8 @@
 # MODEL is fixture, or a model folder name under .stage/models (vpred, flow). NFES: steps joined by '-' (2-4-8).
 # Every run: the DDIM-trailing table held fixed (--phase1_iters 0 --rounds 1), batch 128, pool 8192, EMA, bf16,
 # channels-last, fused AdamW, FD-FMNIST on FD_SAMPLES (5,000) samples every EVAL_STEPS (250) steps.
+# NPROC (default 1) processes, one GPU each, under `accelerate launch` (throughput of several GPUs: the logs' samples_per_s;
+# the deadline's SIGTERM reaches the launcher only, so give such runs STEPS that end in time);
 # STEPS (default 1000) optimiser steps; DEADLINE (seconds from the start) stops runs with SIGTERM (they checkpoint).
 # Outputs: logs, metrics and (with KEEP_MODEL=1) the fp16 tuned unet under $OUT.
 set -uo pipefail
@@ -32,8 +34,10 @@ profile() {
 train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
   IFS=: read -r model nfes loss lr extra <<< "$1"
   local name="$model-${nfes}-$loss-$lr${extra:+-${extra//[ ,=]/_}}"
-  local out="$W/runs/$name"
-  timeout -s TERM "$(left)" python3 scripts/train_fewstep.py --pretrained_model_name_or_path "$(model_path "$model")" \
+  local out="$W/runs/$name" launch=python3
+  [ "${NPROC:-1}" -gt 1 ] && name="$name-x$NPROC" && out="$W/runs/$name" && \
+    launch="accelerate launch --num_processes $NPROC --num_machines 1 --dynamo_backend no --mixed_precision bf16"
+  timeout -s TERM "$(left)" $launch scripts/train_fewstep.py --pretrained_model_name_or_path "$(model_path "$model")" \
     --nfe ${nfes//-/ } --rounds 1 --phase1_iters 0 --phase2_steps "${STEPS:-1000}" --train_batch_size 128 \
     --pool_size 8192 --pool_batch_size 1024 --use_ema --mixed_precision bf16 --channels_last --use_fused_adamw \
     --phase2_loss "$loss" --learning_rate "$lr" ${extra//,/ } \
@@ -41,7 +45,8 @@ train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
     --eval_samples 1024 --eval_steps "${EVAL_STEPS:-250}" --compare_nfe --no-compare_reference \
     --checkpointing_steps 100000 --output_dir "$out" > "$W/logs/$name.log" 2>&1
   local rc=$?
-  stamp "$name rc=$rc: $(grep -o "'fd_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -${#nfes} | tr '\n' ' ')"
+  stamp "$name rc=$rc: $(grep -o "'samples_per_s': [0-9.]*" "$W/logs/$name.log" | tail -1)" \
+    "$(grep -o "'fd_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -${#nfes} | tr '\n' ' ')"
   cp "$W/logs/$name.log" "$OUT/" 2>/dev/null
   if [ "${KEEP_MODEL:-0}" = 1 ] && [ -d "$out/unet" ]; then
     python3 -c "import sys, torch; from diffusers import UNet2DModel as U; p = sys.argv[1] + '/unet'; \

@@ -278,6 +278,22 @@ def test_bad_settings_fail_before_anything_loads(tmp_path, capsys):
         main(args)  # refused before the (missing) model is loaded
 
 
+def test_train_state_keeps_the_phase2_timing_and_reports_throughput():
+    from diffusers_fewstep.train import TrainState
+
+    state = TrainState()
+    assert state.throughput(64) == {}
+    state.timing = {"pool_s": 3.04, "step_s": 2.0, "steps": 10}
+    assert state.throughput(64) == {"pool_s": 3.0, "samples_per_s": 320.0}
+    saved = state.state_dict()
+    again = TrainState()
+    again.load_state_dict(saved)
+    assert again.timing == state.timing
+    del saved["timing"]  # a checkpoint written before the timing existed
+    again.load_state_dict(saved)
+    assert again.timing == {"pool_s": 0.0, "step_s": 0.0, "steps": 0}
+
+
 def test_several_step_counts_trained_evaluated_and_compared(tiny_pipeline, tmp_path, monkeypatch):
     """--nfe 2 3: Phase 2 trains both counts in turn, every evaluation measures both, and at the end the tuned
     model is measured next to the base model at both, at counts it was not tuned for and at the reference solve."""
@@ -297,6 +313,10 @@ def test_several_step_counts_trained_evaluated_and_compared(tiny_pipeline, tmp_p
     assert [(m["phase"], m["global_step"]) for m in record["metrics"]] == [
         ("phase1", 0), ("phase2", 2), ("phase2", 4), ("phase2", 5), ("phase1", 5)]
     assert all(0 < m[f"rmse_nfe{n}"] < 10 for m in record["metrics"] for n in (2, 3))
+    # throughput: none before the first Phase-2 step; one pool build per round, so its time stays put
+    assert "samples_per_s" not in record["metrics"][0]
+    assert all(m["samples_per_s"] > 0 for m in record["metrics"][1:])
+    assert len({m["pool_s"] for m in record["metrics"][1:]}) == 1 and record["metrics"][1]["pool_s"] > 0
     rows = record["step_counts"]
     assert [(r["nfe"], r["table"], r["solver"], r["tuned_count"]) for r in rows] == [
         (2, "learned", "euler", True), (3, "learned", "euler", True), (3, "ddim_trailing", "euler", True),

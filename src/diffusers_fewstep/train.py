@@ -145,6 +145,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # --- state that travels in a checkpoint ----------------------------------------------------------
+NO_TIME = {"pool_s": 0.0, "step_s": 0.0, "steps": 0}
+
+
 class TrainState:
     """Round/phase counters, the current σ tables, the metrics and the divergence monitor's state,
     saved in every checkpoint. `phase` is the phase to run next (1) or running (2); after the last
@@ -155,17 +158,27 @@ class TrainState:
         self.tables: Dict[str, List[float]] = {}
         self.metrics: List[dict] = []
         self.divergence: dict = {}
+        self.timing = dict(NO_TIME)  # Phase 2: seconds building teacher pools, seconds and count of optimiser steps
 
     def state_dict(self) -> dict:
         return {"round": self.round, "phase": self.phase, "global_step": self.global_step,
                 "step_in_phase": self.step_in_phase, "tables": json.dumps(self.tables), "metrics": json.dumps(self.metrics),
-                "divergence": json.dumps(self.divergence)}
+                "divergence": json.dumps(self.divergence), "timing": json.dumps(self.timing)}
 
     def load_state_dict(self, state: dict) -> None:
         self.round, self.phase = int(state["round"]), int(state["phase"])
         self.global_step, self.step_in_phase = int(state["global_step"]), int(state["step_in_phase"])
         self.tables, self.metrics = json.loads(state["tables"]), json.loads(state["metrics"])
         self.divergence = json.loads(state.get("divergence", "{}"))
+        self.timing = json.loads(state["timing"]) if "timing" in state else dict(NO_TIME)
+
+    def throughput(self, global_batch: int) -> dict:
+        """Seconds spent building teacher pools, and trajectories per second of the optimiser steps so far
+        (evaluations and checkpoints left out)."""
+        if not self.timing["steps"]:
+            return {}
+        return {"pool_s": round(self.timing["pool_s"], 1),
+                "samples_per_s": round(self.timing["steps"] * global_batch / self.timing["step_s"], 1)}
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -470,12 +483,21 @@ def _eval_mode(*modules):
             m.train(mode)
 
 
+def _synced(device, start: float) -> float:
+    """Seconds since `start`, once the device has finished its queued work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args) -> None:
-    """Endpoint RMSE (and FD) of the current model at every tuned count, appended to `state.metrics`."""
+    """Endpoint RMSE (and FD) of the current model at every tuned count, appended to `state.metrics`, with the time
+    so far and the Phase-2 throughput (:meth:`TrainState.throughput`)."""
     if ev is None:
         return
     row = {"round": state.round, "phase": phase, "global_step": state.global_step,
-           "elapsed_s": round(time.time() - args.start_time, 1)}
+           "elapsed_s": round(time.time() - args.start_time, 1),
+           **state.throughput(args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes)}
     with _eval_mode(tuned.model):
         for n in args.nfe:
             row.update({f"{k}_nfe{n}": v for k, v in _scores(tuned, state.tables[str(n)], args.solver, ev, args).items()})
@@ -539,12 +561,15 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
     device, rank = accelerator.device, accelerator.process_index
     tables = {n: torch.tensor(state.tables[str(n)], dtype=torch.float32, device=device) for n in args.nfe}
     share = math.ceil(args.pool_size / accelerator.num_processes)
+    start = time.perf_counter()
     with accelerator.autocast():
         pools = {n: build_pool(teacher, tables[n], share, args, _generator(args.seed, state.round, n, rank), device, rows)
                  for n in args.nfe}
+    state.timing["pool_s"] += _synced(device, start)
     weights = args.denoising_weight if len(args.denoising_weight) > 1 else args.denoising_weight[0]
     model.train()
     while state.step_in_phase < args.phase2_steps:
+        start = time.perf_counter()
         guard.unsaved()
         n = args.nfe[state.global_step % len(args.nfe)]
         pool, total = pools[n], 0.0
@@ -575,7 +600,9 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
             ema.step(_trainable(accelerator.unwrap_model(model)))
         state.global_step += 1
         state.step_in_phase += 1
-        loss, stop = step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)
+        loss, stop = step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)  # waits for the GPU
+        state.timing["step_s"] += time.perf_counter() - start
+        state.timing["steps"] += 1
         logs.update(loss=loss, lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
         accelerator.log(logs, step=state.global_step)
         stop_if_diverged(accelerator, args, state, n, loss)
