@@ -226,6 +226,18 @@ def test_dynamic_shifting_mu_matches_flow_match_euler(time_shift_type, mu):
         NoiseSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0).config).sigma_min)  # mu only for dynamic configs
 
 
+def test_dynamic_shift_falls_back_to_each_pipelines_max_shift():
+    """A config without `max_shift` (a raw scheduler_config.json): at the largest image, mu is the pipeline's default
+    max_shift, 1.16 for SD3 and 1.15 for Flux; half-way in tokens, half-way in shift."""
+    from diffusers_fewstep.conditioning import dynamic_shift
+
+    raw = {"use_dynamic_shifting": True}
+    assert dynamic_shift(raw, 4096, "sd3") == pytest.approx(1.16)
+    assert dynamic_shift(raw, 4096, "flux") == pytest.approx(1.15)
+    assert dynamic_shift(raw, 2176, "sd3") == pytest.approx((0.5 + 1.16) / 2)
+    assert dynamic_shift({}, 4096, "sd3") is None
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_mu_is_the_pipelines(name, monkeypatch):
     """With a dynamic-shifting scheduler, `mu` is what the pipeline passes to `set_timesteps`, for every size."""

@@ -181,7 +181,7 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
     cond, uncond = _encode_all(pipe, family, prompts, _per_prompt(negative_prompt, len(prompts)), guided, device,
                                (height, width), batch_size)
     config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}  # for the pipeline reference
-    mu = dynamic_shift(config, image_seq_len)
+    mu = dynamic_shift(config, image_seq_len, family)
     kwargs = {"guidance_scale": guidance_scale if guided else 1.0, "mu": mu}
     model = model.to(device).eval()
     if family == "flux":
@@ -259,16 +259,20 @@ def _classifier_free(family, model, guidance_scale, negative_prompt) -> bool:
     return guidance_scale > 1
 
 
-def dynamic_shift(scheduler_config, image_seq_len: int) -> Optional[float]:
+MAX_SHIFT_DEFAULT = {"sd3": 1.16, "flux": 1.15}  # the pipelines' fallback when the scheduler config has no max_shift
+
+
+def dynamic_shift(scheduler_config, image_seq_len: int, family: str = "flux") -> Optional[float]:
     """`mu` for flow schedulers with `use_dynamic_shifting`, from the number of image tokens as the SD3 and Flux
-    pipelines compute it (diffusers' `calculate_shift`); `None` for every other scheduler."""
+    pipelines compute it (diffusers' `calculate_shift`, with each pipeline's default `max_shift`); `None` for every
+    other scheduler."""
     if not scheduler_config.get("use_dynamic_shifting"):
         return None
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     return calculate_shift(image_seq_len, scheduler_config.get("base_image_seq_len", 256),
                            scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
-                           scheduler_config.get("max_shift", 1.15))
+                           scheduler_config.get("max_shift", MAX_SHIFT_DEFAULT.get(family, 1.15)))
 
 
 def _latent_shape(pipe, family, model, height, width):
