@@ -156,3 +156,28 @@ def test_flow_matching_scheduler_matches_flow_match_euler():
     t = ours.timesteps[2:3]
     s = t / 1000
     assert torch.allclose(ours.add_noise(x0, noise, t), (1 - s) * x0 + s * noise, atol=1e-5)
+
+
+def test_the_log_sigma_table_reaches_a_device_once(monkeypatch):
+    """σ ↔ t at every model call reads the log-σ table on the call's device; it is copied there once (a copy from
+    host memory, or reading a bound back, would wait for the GPU at every call), with the same values."""
+    schedule = NoiseSchedule(DDPMScheduler().config)
+    expected = schedule.sigma_to_t(torch.tensor([0.5, 3.0, 40.0]))
+    copies, original = [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if self is schedule.log_sigmas:
+            copies.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    for _ in range(5):
+        t = schedule.sigma_to_t(torch.tensor([0.5, 3.0, 40.0]))
+        schedule.t_to_sigma(t)
+    assert copies == []  # the first call above already put it on the CPU
+    assert torch.equal(t, expected)
+    assert torch.allclose(schedule.t_to_sigma(t), torch.tensor([0.5, 3.0, 40.0], dtype=torch.float64), rtol=1e-6)
+    schedule._log_sigmas_by_device.clear()
+    schedule.sigma_to_t(torch.tensor([1.0]))
+    schedule.sigma_to_t(torch.tensor([2.0]))
+    assert len(copies) == 1

@@ -81,6 +81,8 @@ class NoiseSchedule:
                 f"unknown prediction_type {self.prediction_type!r} for a {self.family} model; "
                 f"expected one of {list(allowed)}")
         self.log_sigmas = self.train_sigmas.log()
+        self._log_sigma_range = (float(self.log_sigmas[0]), float(self.log_sigmas[-1]))
+        self._log_sigmas_by_device = {}
         self.sigma_min = float(self.train_sigmas[0])
         self.sigma_max = float(self.train_sigmas[-1])
 
@@ -97,12 +99,20 @@ class NoiseSchedule:
         sigma = torch.as_tensor(sigma)
         if self.family == "flow":
             return sigma / (1 + sigma) * self.num_train_timesteps
-        log_sigmas = self.log_sigmas.to(sigma.device)
-        log_sigma = sigma.double().clamp(min=1e-10).log().clamp(float(log_sigmas[0]), float(log_sigmas[-1]))
+        log_sigmas = self._log_sigmas_on(sigma.device)
+        log_sigma = sigma.double().clamp(min=1e-10).log().clamp(*self._log_sigma_range)
         idx = torch.searchsorted(log_sigmas, log_sigma.reshape(-1)).clamp(1, len(log_sigmas) - 1).reshape(log_sigma.shape)
         lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
         w = (log_sigma - lo) / (hi - lo)
         return (idx - 1 + w).to(sigma.dtype if sigma.is_floating_point() else torch.float32)
+
+    def _log_sigmas_on(self, device) -> torch.Tensor:
+        """The log-σ table on `device`, copied there once: a copy from host memory, and reading a value back, would
+        each wait for the device's queued work at every model call."""
+        device = torch.device(device)
+        if device not in self._log_sigmas_by_device:
+            self._log_sigmas_by_device[device] = self.log_sigmas.to(device)
+        return self._log_sigmas_by_device[device]
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """σ for a (possibly fractional) model timestep; inverse of :meth:`sigma_to_t`."""
@@ -113,7 +123,7 @@ class NoiseSchedule:
         t = t.clamp(0, self.num_train_timesteps - 1)
         lo = t.floor().long().clamp(max=self.num_train_timesteps - 2)
         w = t - lo
-        log_sigmas = self.log_sigmas.to(t.device)
+        log_sigmas = self._log_sigmas_on(t.device)
         return ((1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]).exp()
 
     # --- native ↔ σ-space -----------------------------------------------------------------

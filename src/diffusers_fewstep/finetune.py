@@ -239,7 +239,8 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
             gradients first, then all N steps through the student in one batch (:func:`trajectory_loss`).
 
     Returns:
-        (loss, logs) with per-step losses `step_i` and the denoising term as floats.
+        (loss, logs) with per-step losses `step_i` and the denoising term as detached 0-dim tensors: reading one
+        (`float`) waits for the device, so read them after the backward pass.
     """
     if step_weights is None:
         step_weights = step_loss_weights(sigmas, step_weighting) ** (0.5 if loss == "pseudo_huber" else 1.0)
@@ -250,14 +251,14 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
                                           batch_steps)
     else:
         raise ValueError(f"unknown Phase-2 target {target!r}; choose one of {list(PHASE2_TARGETS)}")
-    logs = {f"step_{i}": float(v) for i, v in enumerate(per_step)}
+    logs = {f"step_{i}": v for i, v in enumerate(per_step)}
     if denoising_weights is not None and torch.as_tensor(denoising_weights).abs().sum() > 0:
         if x0 is None:
             raise ValueError("denoising_weights needs x0 (data, or the teacher's samples)")
         dn, _ = denoising_loss(student, x0, sigmas, generator, cond, denoising_weights, uncond)
         total = total + dn
-        logs["denoising"] = float(dn.detach())
-    logs["target_loss"] = float(per_step.mean())
+        logs["denoising"] = dn.detach()
+    logs["target_loss"] = per_step.mean()
     return total, logs
 
 

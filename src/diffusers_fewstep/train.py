@@ -308,7 +308,7 @@ def main(args: argparse.Namespace) -> str:
     model.to(device).train()
     _speed_options(accelerator, model, teacher_module, args)
     params = [p for p in model.parameters() if p.requires_grad]
-    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
+    ema = EMAModel(params, decay=args.ema_decay, foreach=True) if args.use_ema else None  # a few kernels, not 3 per weight
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                                   fused=True if args.use_fused_adamw and device.type == "cuda" else None)
@@ -483,6 +483,14 @@ def _eval_mode(*modules):
             m.train(mode)
 
 
+def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's queued work: a plain copy from pageable host
+    memory to a GPU synchronises, so the host could not queue the next step's kernels ahead."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _synced(device, start: float) -> float:
     """Seconds since `start`, once the device has finished its queued work."""
     if torch.device(device).type == "cuda":
@@ -576,7 +584,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
         for k in range(args.gradient_accumulation_steps):
             micro = state.global_step * args.gradient_accumulation_steps + k
             gen = _generator(args.seed, state.round, micro, rank, 1)
-            pick = torch.randint(pool["states"].shape[1], (args.train_batch_size,), generator=gen).to(device)
+            pick = _to_device(torch.randint(pool["states"].shape[1], (args.train_batch_size,), generator=gen), device)
             states = pool["states"][:, pick]
             row = None if rows is None else pool["rows"][pick.cpu()]
             if data is None:  # the teacher's own samples
@@ -603,6 +611,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
         loss, stop = step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)  # waits for the GPU
         state.timing["step_s"] += time.perf_counter() - start
         state.timing["steps"] += 1
+        logs = {k: float(v) for k, v in logs.items()}  # the device is done with the step: no wait
         logs.update(loss=loss, lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
         accelerator.log(logs, step=state.global_step)
         stop_if_diverged(accelerator, args, state, n, loss)
