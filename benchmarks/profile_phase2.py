@@ -198,26 +198,30 @@ def time_variant(args, name: str, states, table, config) -> dict:
     return result
 
 
-def trace(step, args, name: str) -> str:
+def trace(step, args, name: str) -> dict:
     """torch.profiler over 3 steps of `step`: the ops by device time (and by CPU time) go to a text file beside
-    `--out`, whose path is returned."""
+    `--out`; returns its path and, per step, the milliseconds of device work and of host (CPU) op time. Device work
+    well below the step's time means the host sets the pace (kernel launches, waits for the device)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    cuda = torch.device(args.device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
             step()
-        if torch.device(args.device).type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
     events = prof.key_averages()
-    by_device = "self_cuda_time_total" if torch.device(args.device).type == "cuda" else "self_cpu_time_total"
+    by_device = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     path = os.path.splitext(args.out)[0] + f"_trace_{name.replace('+', '_')}.txt"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"torch.profiler, 3 steps of {name}, sorted by {by_device}\n")
         f.write(events.table(sort_by=by_device, row_limit=40) + "\n\nsorted by self_cpu_time_total\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=25))
-    return path
+    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    host_us = sum(e.self_cpu_time_total for e in events)
+    return {"path": path, "device_ms_per_step": device_us / 3000 if cuda else 0.0, "host_ms_per_step": host_us / 3000}
 
 
 def _synced(t0: float) -> float:
@@ -273,6 +277,11 @@ def table_text(record: dict) -> str:
         ratio = f"  ({base / r['median_ms']:.2f}× fp32)" if base else ""
         lines.append(f"{name:<40} {r['median_ms']:>9.2f} {r['p10_ms']:>8.2f}–{r['p90_ms']:<8.2f} "
                      f"{r['samples_per_s']:>10.0f} {r['first_step_s']:>8.2f} {mem:>9} {r['trainable_params']:>10}{ratio}")
+    for name, r in record["variants"].items():
+        if "torch_profile" in r:
+            t = r["torch_profile"]
+            lines.append(f"{name} traced: device work {t['device_ms_per_step']:.1f} ms, host ops "
+                         f"{t['host_ms_per_step']:.1f} ms per step (under the profiler; {t['path']})")
     for p in record["pool"]:
         lines.append(f"teacher trajectories ({p['teacher']}, {p['reference_steps']}-step reference): fresh per step "
                      f"{p['fresh_per_step_ms']:.1f} ms; pool of {p['pool_size']} per round {p['pool_per_round_s']:.2f} s "

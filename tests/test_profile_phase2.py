@@ -57,7 +57,9 @@ def test_profile_phase2_tiny_on_cpu(tmp_path, variants):
         assert pool["fresh_per_step_ms"] > 0 and pool["reference_steps"] == 10
     assert record["env"]["batch_size"] == 8 and record["env"]["nfe"] == 4
     if variants == NO_COMPILE:  # the traced variant's op table: 3 steps × (4 forward + 4 backward) calls of each conv
-        trace = open(timings["fp32"]["torch_profile"]).read()
+        traced = timings["fp32"]["torch_profile"]
+        assert traced["device_ms_per_step"] == 0.0 and traced["host_ms_per_step"] > 0  # no device on the CPU
+        trace = open(traced["path"]).read()
         convs = sum(isinstance(m, torch.nn.Conv2d) for m in _tiny_unet().modules())
         row = next(line for line in trace.splitlines() if line.strip().startswith("aten::convolution_backward"))
         assert int(row.split()[-1]) == 3 * 4 * convs
