@@ -363,6 +363,33 @@ def test_fixed_tables_skip_phase_one_and_the_reference_row_can_be_left_out(tiny_
     assert [(r["nfe"], r["table"]) for r in rows] == [(2, "learned"), (4, "ddim_trailing")]
 
 
+def test_phase2_starts_from_the_tables_of_a_learned_folder(tiny_pipeline, tmp_path):
+    """--phase1_init FOLDER (an optimize output) with --phase1_iters 0: Phase 2 tunes the model on exactly those
+    tables; a count the folder lacks, or a folder learned for another model, stops the run before any work."""
+    from diffusers_fewstep import LearnedScheduleScheduler, train
+    from diffusers_fewstep.schedules import stock_sigmas
+
+    with open(os.path.join(tiny_pipeline, "scheduler", "scheduler_config.json")) as f:
+        base = json.load(f)
+    learned = tmp_path / "learned"
+    table = [float(base_sigma) for base_sigma in stock_sigmas("ddim_trailing", 2, base)]
+    table[1] *= 0.7  # not a stock table
+    LearnedScheduleScheduler.from_config(base, sigma_tables={"2": table}).save_pretrained(learned / "scheduler")
+    out = str(tmp_path / "out")
+    common = ["--pretrained_model_name_or_path", tiny_pipeline, "--rounds", "1", "--phase2_steps", "1",
+              "--checkpointing_steps", "100", *FAST, "--phase1_iters", "0", "--no-compare_reference"]
+    train.main(train.parse_args([*common, "--output_dir", out, "--phase1_init", str(learned)]))
+    assert _tables(out)["2"] == pytest.approx(table, rel=1e-6)
+    with pytest.raises(ValueError, match=r"has learned tables for \[2\] steps, not for \[3\]"):
+        train.main(train.parse_args([*common, "--output_dir", str(tmp_path / "o2"), "--phase1_init", str(learned),
+                                     "--nfe", "2", "3"]))
+    other = tmp_path / "other"
+    LearnedScheduleScheduler.from_config({**base, "beta_end": 0.03}, sigma_tables={"2": table}).save_pretrained(
+        other / "scheduler")
+    with pytest.raises(ValueError, match="learned for a different model"):
+        train.main(train.parse_args([*common, "--output_dir", str(tmp_path / "o3"), "--phase1_init", str(other)]))
+
+
 def test_model_card_warns_with_the_numbers_at_counts_it_was_not_tuned_for():
     from diffusers_fewstep.model_card import card_text
 

@@ -16,6 +16,7 @@ import torch
 from .objectives import LOSSES
 from .optimizer import METHODS, OBJECTIVES, ScheduleResult, _infer_sample_shape, optimize_schedule
 from .checks import UsageError
+from .schedules import starting_tables
 from .selection import MEASURES, check_measure
 
 # defaults by device: the reference solves and the held-out scoring dominate, and a CPU is ~100× slower
@@ -62,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-steps", type=int, default=None,
                         help="steps of the reference (default: ode 200, on a CPU 32; pipeline 50)")
     parser.add_argument("--init", default=None,
-                        help="one more candidate table: a baseline (ddim_trailing, karras, loguniform, ddim_leading)")
+                        help="one more candidate table per NFE: a baseline (ddim_trailing, karras, loguniform, ddim_leading), "
+                             "peer:<a diffusers scheduler of schedules.STOCK_SCHEDULERS> or a folder of learned tables")
     parser.add_argument("--data", default=None,
                         help="clean images (IDX file, .pt tensor in [-1, 1] or image folder): x0 for the bound "
                              "objectives, and the reference set of the held-out fd_data score of every candidate "
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         select_by=args.select_by, starts=pick("starts"), free_last=args.free_last, method=args.method,
         num_iters=pick("max_iters"), batch_size=pick("batch_size"), lr=args.lr,
         validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data, cond=cond, uncond=uncond,
-        init=initial_tables(args.init, args.nfe, config), existing={n: v for n, v in existing.items() if n in args.nfe},
+        init=starting_tables(args.init, args.nfe, config), existing={n: v for n, v in existing.items() if n in args.nfe},
         reference_steps=args.reference_steps if args.reference_scheduler == "pipeline" else pick("reference_steps"),
         reference_scheduler=args.reference_scheduler, seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,
@@ -206,11 +208,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def initial_tables(init, nfes, base_config):
-    """`--init`: a baseline name of `schedules.baseline_sigmas`, or `peer:<name>` for a diffusers scheduler's own σ's
-    (:data:`~diffusers_fewstep.schedules.STOCK_SCHEDULERS`) at every NFE."""
-    if init is None or not init.startswith("peer:"):
-        return init
-    from .schedules import stock_sigmas
-
-    return {nfe: stock_sigmas(init[len("peer:"):], nfe, base_config) for nfe in nfes}

@@ -186,3 +186,27 @@ def interpolate_sigmas(table: Sequence[float], n: int) -> torch.Tensor:
     w = (dst - src[idx - 1]) / (src[idx] - src[idx - 1])
     logs = (1 - w) * pos[idx - 1].log() + w * pos[idx].log()
     return _append_zero(logs.exp(), final_zero)
+
+
+def starting_tables(init: Optional[str], nfes: Sequence[int], base_config) -> Optional[Dict[int, List[float]]]:
+    """The tables a run starts from (`optimize --init`, the training script's `--phase1_init`), when `init` is more
+    than a baseline name (:func:`baseline_sigmas`, returned as is): `peer:<name>`, the σ's diffusers' scheduler
+    `<name>` samples on (:data:`STOCK_SCHEDULERS`), or a folder holding learned tables (`scheduler/` of an `optimize`
+    or training run), which must have one for every count of `nfes` and fit `base_config`'s model."""
+    import os
+
+    if init is None or not (init.startswith("peer:") or os.path.isdir(init)):
+        return init
+    if init.startswith("peer:"):
+        return {nfe: stock_sigmas(init[len("peer:"):], nfe, base_config) for nfe in nfes}
+    from .scheduler import LearnedScheduleScheduler
+
+    sub = "scheduler" if os.path.isdir(os.path.join(init, "scheduler")) else None
+    learned = LearnedScheduleScheduler.from_pretrained(init, subfolder=sub, local_files_only=True)
+    learned.check_compatible(base_config)
+    tables = {int(k): [float(s) for s in v] for k, v in learned.config.sigma_tables.items()}
+    missing = [n for n in nfes if n not in tables]
+    if missing:
+        raise ValueError(f"{init} has learned tables for {sorted(tables)} steps, not for {missing}; "
+                         "learn them first (diffusers-fewstep optimize --nfe ...) or leave those counts out")
+    return {n: tables[n] for n in nfes}

@@ -42,6 +42,7 @@ from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error
 from .data import load_images
 from .finetune import (PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, ema_weights,
                        lora_target_modules, make_teacher, phase2_loss, teacher_states)
+from .schedules import starting_tables
 from .selection import extra_args
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
 from .text_to_image_training import check_arguments as check_text_to_image_arguments
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--phase1_iters", type=int, default=150, help="Adam steps of Phase 1 per NFE and round.")
     parser.add_argument("--phase1_batch_size", type=int, default=128, help="Noises per Phase-1 step.")
     parser.add_argument("--phase1_pool_size", type=int, default=None, help="Noises (with teacher references) Phase 1 draws its batches from (default: optimize_schedule's).")
-    parser.add_argument("--phase1_init", type=str, default="ddim_trailing", help="Hand-made table Phase 1 starts from.")
+    parser.add_argument("--phase1_init", type=str, default="ddim_trailing", help="Tables Phase 1 starts from (held fixed with --phase1_iters 0): a hand-made one (ddim_trailing, karras, loguniform, ddim_leading), peer:<diffusers scheduler> or a folder of learned tables (an optimize output).")
     parser.add_argument("--phase2_target", type=str, default="trajectory", choices=list(PHASE2_TARGETS), help="Phase-2 target: the teacher's interval average at its own states, or the landing D at the solver's states.")
     parser.add_argument("--phase2_batch_steps", action="store_true", help="Target trajectory: the student's solve without gradients, then all N steps in one batched call with gradients (same loss; faster where a step is bound by per-call overhead, as on small models).")
     parser.add_argument("--phase2_loss", type=str, default="l2", choices=list(PHASE2_LOSSES), help="Per-sample distance of the Phase-2 target losses: squared error, or pseudo-Huber (√(MSE + c²) − c, as consistency training).")
@@ -295,6 +296,8 @@ def main(args: argparse.Namespace) -> str:
         model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
         size = model.config.sample_size
         args.sample_shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    start = starting_tables(args.phase1_init, args.nfe, base_config)  # a folder or peer: resolved (and checked) now
+    args.start_tables = {str(n): t for n, t in start.items()} if isinstance(start, dict) else None
     args.use_lora = t2i is not None if args.use_lora is None else args.use_lora
     args.clamp_samples = t2i is None  # images in [-1, 1]; latents are not clamped
     if args.use_lora:
@@ -550,7 +553,7 @@ def _phase1(accelerator, args, state, tuned, teacher, ema, rows, broadcast_objec
     if accelerator.is_main_process:
         with ema_weights(ema, _trainable(tuned.model)):
             t0 = time.time()
-            tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or None,
+            tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or args.start_tables,
                                    rows=rows, teacher=teacher)
             logger.info("round %d phase 1: %.1f s, tables %s", state.round, time.time() - t0, tables[0])
     if accelerator.num_processes > 1:
