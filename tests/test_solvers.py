@@ -86,3 +86,23 @@ def test_first_step_of_any_run_is_the_first_order_step(solver):
     denoised = gaussian_denoiser(x, sigmas[2])
     x_next, _ = step(solver, x, denoised, sigmas, 2, None)
     torch.testing.assert_close(x_next, first_order_step(x, sigmas[2], sigmas[3], denoised), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
+def test_a_solve_reads_a_sigma_back_only_at_its_last_step(solver, monkeypatch):
+    """Reading a σ back from the device waits for its queued work: the multistep solvers ask whether a step ends at
+    σ = 0 only at the last step of a table (only the last entry can be 0), once per solve, and sample the same."""
+    from diffusers_fewstep import solvers
+
+    table = torch.tensor([80.0, 20.0, 6.0, 2.0, 0.6, 0.2, 0.0])
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 80
+    denoiser = lambda x, sigma: x / (1 + torch.as_tensor(sigma) ** 2)  # noqa: E731  (Gaussian data, s = 1)
+    expected = solvers.sample(denoiser, x, table, solver)
+    reads = []
+    original = solvers._is_zero
+    monkeypatch.setattr(solvers, "_is_zero", lambda sigma: reads.append(float(sigma)) or original(sigma))
+    assert torch.equal(solvers.sample(denoiser, x, table, solver), expected)
+    assert reads == [0.0]
+    reads.clear()
+    solvers.sample(denoiser, x, table[:-1], solver)  # a table ending at a positive σ
+    assert reads == [pytest.approx(0.2)]

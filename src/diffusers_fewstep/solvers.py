@@ -41,12 +41,18 @@ def _is_zero(sigma) -> bool:
     return float(sigma.detach() if torch.is_tensor(sigma) else sigma) == 0.0
 
 
+def _steps_to_zero(sigmas, i: int) -> bool:
+    """Whether the step from σ_i ends at σ = 0. A table is strictly decreasing and only its last entry may be 0, so
+    only the last step reads a σ back from the device (a read waits for the device's queued work)."""
+    return i + 2 == len(sigmas) and _is_zero(sigmas[-1])
+
+
 def dpmpp_2m_step(x, denoised, sigmas, i, state):
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), data prediction, λ = −log σ.
     First order at the first step of a run and at a final step to σ = 0 (diffusers' `lower_order_final`)."""
     history = (state or {}).get("denoised", []) + [denoised]
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
-    if len(history) < 2 or _is_zero(sigma_next):
+    if len(history) < 2 or _steps_to_zero(sigmas, i):
         d = denoised
     else:
         h = sigma.log() - sigma_next.log()
@@ -63,7 +69,7 @@ def _unipc_bh2_update(x, m0, m1, m_new, sigmas, i, order, corrector):
     """
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     x_first = first_order_step(x, sigma, sigma_next, m0)
-    if _is_zero(sigma_next) or (order == 1 and not corrector):
+    if _steps_to_zero(sigmas, i) or (order == 1 and not corrector):
         return x_first
     hh = sigma_next.log() - sigma.log()  # −h, with h = λ_{i+1} − λ_i > 0
     b_h = torch.expm1(hh)  # bh2
