@@ -587,9 +587,10 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
         for k in range(args.gradient_accumulation_steps):
             micro = state.global_step * args.gradient_accumulation_steps + k
             gen = _generator(args.seed, state.round, micro, rank, 1)
-            pick = _to_device(torch.randint(pool["states"].shape[1], (args.train_batch_size,), generator=gen), device)
+            drawn = torch.randint(pool["states"].shape[1], (args.train_batch_size,), generator=gen)
+            pick = _to_device(drawn, device)
             states = pool["states"][:, pick]
-            row = None if rows is None else pool["rows"][pick.cpu()]
+            row = None if rows is None else pool["rows"][drawn]
             if data is None:  # the teacher's own samples
                 x0 = states[-1]
             elif rows is not None:  # captioned images: the latent of each trajectory's own prompt
