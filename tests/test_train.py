@@ -75,6 +75,7 @@ def test_accelerate_launch_output_loads_into_a_pipeline_and_samples(tiny_pipelin
     card = open(os.path.join(out, "README.md")).read()
     assert "sigmas.png" in card and "| 1 | Phase 1 (tables) | 3 |" in card
     assert os.path.getsize(os.path.join(out, "sigmas.png")) > 1000
+    assert "![learning curves](curves.png)" in card and os.path.getsize(os.path.join(out, "curves.png")) > 1000
 
 
 def _resume_args(tiny_pipeline):

@@ -6,6 +6,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 SIGMA_PLOT = "sigmas.png"
+CURVES_PLOT = "curves.png"  # FD / RMSE against steps and wall time, when a run measured more than once
 
 
 def plot_tables(tables: Dict[str, Sequence[float]], path: str) -> str:
@@ -107,6 +108,7 @@ def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List
                 f'pipe.scheduler = LearnedScheduleScheduler.from_pretrained("{repo_id}", subfolder="scheduler")')
     else:
         load = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")  # scheduler/ is a LearnedScheduleScheduler'
+    curves_md = f"![learning curves]({CURVES_PLOT})\n" if len(metrics) > 1 else ""
     tables_md = "\n".join(f"- {n} steps: `[" + ", ".join(f"{s:.4g}" for s in tables[str(n)]) + "]`" for n in nfes)
     what = ("σ tables learned for this model" + (" and the model tuned on them (LoRA adapter)" if use_lora and tuned
                                                 else " and the model tuned on them" if tuned else ""))
@@ -147,6 +149,7 @@ solution from the same noise and, when measured, the Fréchet distance (FD) of i
 reference images (lower is better for both), after each phase.
 
 {metrics_table(metrics)}
+{curves_md}
 {step_counts_section(step_counts or [], nfes)}"""
 
 
@@ -159,6 +162,10 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
     from huggingface_hub import ModelCard, ModelCardData
 
     plot_tables(tables, os.path.join(output_dir, SIGMA_PLOT))
+    if len(metrics) > 1:
+        from .plotting import plot_training_curves
+
+        plot_training_curves({"": metrics}, os.path.join(output_dir, CURVES_PLOT), title="evaluations during training")
     repo_id = hub_model_id or os.path.basename(os.path.abspath(output_dir))
     data = ModelCardData(library_name="diffusers", base_model=base_model if not os.path.isdir(base_model) else None,
                          tags=["diffusers", "diffusers-fewstep", "few-step-sampling"] + (["lora"] if use_lora else [])

@@ -67,3 +67,37 @@ def plot_schedule_comparison(learned: Mapping[int, Sequence[float]], schedule, p
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: Optional[str] = None) -> str:
+    """Learning curves of training runs: FD (log scale, when measured) and endpoint RMSE at every tuned step count,
+    against optimiser steps and against wall time. `runs` maps a label to its metrics rows (`metrics.json`'s
+    `metrics`: `global_step`, `elapsed_s`, `fd_nfe<N>`, `rmse_nfe<N>`); an empty label names only the step count."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    measures = [m for m in ("fd", "rmse") if any(k.startswith(f"{m}_nfe") for rows in runs.values() for r in rows
+                                                  for k in r)]
+    fig, axes = plt.subplots(len(measures), 2, figsize=(10, 3.6 * len(measures)), squeeze=False)
+    for row, measure in zip(axes, measures):
+        for label, rows in runs.items():
+            keys = sorted({k for r in rows for k in r if k.startswith(f"{measure}_nfe")}, key=lambda k: int(k[len(measure) + 4:]))
+            for key in keys:
+                points = [r for r in rows if key in r]
+                name = f"{key[len(measure) + 4:]} steps" + (f" · {label}" if label else "")
+                for ax, x in zip(row, ("global_step", "elapsed_s")):
+                    ax.plot([p[x] for p in points], [p[key] for p in points], marker="o", markersize=3, label=name)
+        for ax, x in zip(row, ("optimiser steps", "wall time (s)")):
+            ax.set_xlabel(x)
+            ax.set_ylabel(measure.upper())
+            ax.set_yscale("log" if measure == "fd" else "linear")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
