@@ -65,6 +65,16 @@ def test_cli_optimize_selects_per_step_count_and_prints_the_comparison(tmp_path,
     assert "held-out fd_self" in out and "DDIM" in out and f"wrote {tmp_path}/scheduler" in out
     assert log["shared"]["num_evals"] == 6 + 6  # the 6-step references of the pool (2) and the held-out set (4)
     assert time.process_time() - start < 30
+    # the model card: how to load it, and the kept table's score beside the best trailing / Karras / learned ones
+    card = (tmp_path / "README.md").read_text()
+    assert 'LearnedScheduleScheduler.from_pretrained("' in card and "![σ tables](schedule.png)" in card
+    row = next(line for line in card.splitlines() if line.startswith("| 3 |"))
+    best = lambda keep: min(c["scores"]["fd_self"] for c in record["candidates"] if keep(c))  # noqa: E731
+    trailing = best(lambda c: c["source"] == "stock" and "trailing" in c["name"])
+    karras = best(lambda c: c["source"] == "stock" and "karras" in c["name"])
+    assert row.startswith(f"| 3 | {kept['name']} ({kept['solver']}) | fd_self | {kept['scores']['fd_self']:.4g} | "
+                          f"{trailing:.4g} (")
+    assert f"| {karras:.4g} (" in row and kept["scores"]["fd_self"] <= min(trailing, karras)
 
 
 def test_a_second_run_adds_its_tables_and_keeps_the_better_one(tmp_path, capsys, tiny_model):
@@ -73,6 +83,8 @@ def test_a_second_run_adds_its_tables_and_keeps_the_better_one(tmp_path, capsys,
     assert main(run[:1] + ["--nfe", "3"] + run[1:]) == 0
     scheduler = LearnedScheduleScheduler.from_pretrained(str(tmp_path), subfolder="scheduler")
     assert scheduler.available_nfes == [2, 3] and set(scheduler.config.provenance["per_nfe"]) == {"2", "3"}
+    card = (tmp_path / "README.md").read_text()  # rewritten from the merged tables
+    assert "| 2 | " in card and "| 3 | " in card and "one of: 2, 3" in card
     table = scheduler.config.sigma_tables["3"]
     capsys.readouterr()
     # a run that learns nothing new: the table already there competes, wins, and stays

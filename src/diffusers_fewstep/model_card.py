@@ -174,3 +174,85 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
                                                                     tuned, repo_id, step_counts, text_to_image))
     card.save(os.path.join(output_dir, "README.md"))
     return card
+
+
+# --- the model card of an `optimize` output folder ------------------------------------------------------
+def _best(candidates: List[dict], measure: str, keep) -> Optional[dict]:
+    scored = [c for c in candidates if keep(c) and measure in c.get("scores", {})]
+    return min(scored, key=lambda c: c["scores"][measure], default=None)
+
+
+def candidates_table(per_nfe: Dict[str, dict]) -> str:
+    """Markdown: per step count, the kept table's held-out score next to the best stock table on trailing σ's, the
+    best on Karras σ's and the best learned one (every candidate's scores are in the scheduler's provenance)."""
+    head = ("| steps | kept (solver) | measure | kept | best trailing | best Karras | best learned |\n"
+            "|---|---|---|---|---|---|---|")
+    rows = []
+    for nfe in sorted(per_nfe, key=int):
+        record = per_nfe[nfe]
+        measure, cands = record.get("select_by", "rmse"), record.get("candidates", [])
+        kept = next((c for c in cands if c["name"] == record.get("kept")), None)
+        cells = [_best(cands, measure, lambda c: c["source"] == "stock" and "trailing" in c["name"]),
+                 _best(cands, measure, lambda c: c["source"] == "stock" and "karras" in c["name"]),
+                 _best(cands, measure, lambda c: c["source"] == "learned")]
+        show = lambda c: "–" if c is None else f"{c['scores'][measure]:.4g} ({c['name']})"  # noqa: E731
+        score = "–" if kept is None or measure not in kept["scores"] else f"{kept['scores'][measure]:.4g}"
+        rows.append(f"| {nfe} | {record.get('kept', '?')} ({record.get('solver', '?')}) | {measure} | {score} | "
+                    + " | ".join(show(c) for c in cells) + " |")
+    return "\n".join([head, *rows])
+
+
+def save_optimize_card(output_dir: str, config: dict, hub_model_id: Optional[str] = None):
+    """`README.md` (a `huggingface_hub.ModelCard`) of a folder `optimize` wrote, from its scheduler config
+    (`config`: the `LearnedScheduleScheduler` config with its provenance): how to load it, the tables, and how each
+    was chosen (:func:`candidates_table`)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    prov = config.get("provenance") or {}
+    base_model = prov.get("base_model") or "BASE_MODEL"
+    repo_id = hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    nfes = sorted(int(n) for n in config["sigma_tables"])
+    solvers = config.get("solvers") or {}
+    tables_md = "\n".join(f"- {n} steps, `{solvers.get(str(n), config.get('solver', 'euler'))}`: `["
+                          + ", ".join(f"{s:.4g}" for s in config["sigma_tables"][str(n)]) + "]`" for n in nfes)
+    settings = prov.get("settings") or {}
+    prompt = "" if prov.get("model_class", "UNet2DModel") == "UNet2DModel" else "prompt, "
+    steps = settings.get("reference_steps", "?")
+    reference = (f"the image the pipeline's own {settings.get('reference_solver')} makes in {steps} steps"
+                 if settings.get("reference_scheduler") == "pipeline" else f"a {steps}-step DPM-Solver++(2M) solution")
+    data = ModelCardData(library_name="diffusers", base_model=base_model if not os.path.isdir(base_model) else None,
+                         tags=["diffusers", "diffusers-fewstep", "few-step-sampling", "scheduler"])
+    text = f"""# Few-step σ tables for `{base_model}`
+
+Learned with diffusers-fewstep's `optimize`: for each step count below, the σ table (and solver) kept among
+stock diffusers tables and tables learned from them, scored on held-out noises against {reference} from the
+same noise. The model itself is unchanged.
+
+```python
+import diffusers_fewstep  # registers LearnedScheduleScheduler
+from diffusers import DiffusionPipeline
+from diffusers_fewstep import LearnedScheduleScheduler
+
+pipe = DiffusionPipeline.from_pretrained("{base_model}")
+pipe.scheduler = LearnedScheduleScheduler.from_pretrained("{repo_id}", subfolder="scheduler")
+images = pipe({prompt}num_inference_steps={nfes[0]}).images  # one of: {", ".join(map(str, nfes))}
+```
+
+## σ tables
+
+![σ tables](schedule.png)
+
+{tables_md}
+
+## How each table was chosen
+
+Held-out scores (lower is better) of the kept table, of the best stock table on trailing σ's, of the best on
+Karras σ's and of the best learned table. By construction the kept table scores no worse than any candidate on
+this measure (every candidate's scores are in `scheduler/scheduler_config.json`, `provenance.per_nfe`); the
+measure is closeness to the reference from the same noise, not image quality itself.
+
+{candidates_table(prov.get("per_nfe") or {})}
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + text)
+    card.save(os.path.join(output_dir, "README.md"))
+    return card

@@ -92,6 +92,7 @@ def save_merged(output_dir: str, base_config, result: ScheduleResult, existing_c
                 base_model: str) -> dict:
     """Add `result`'s tables to the folder's (atomically): an NFE already there is replaced when the new run kept
     a new table for it (the old one competed and lost) or with `overwrite`. Returns `{nfe: "added"|"replaced"|"kept"}`."""
+    from .model_card import save_optimize_card
     from .outputs import atomic_write_json, merge_tables, write_scheduler
     from .plotting import plot_schedule_comparison
 
@@ -106,6 +107,7 @@ def save_merged(output_dir: str, base_config, result: ScheduleResult, existing_c
     plot_schedule_comparison(tables, scheduler.noise_schedule, os.path.join(output_dir, "schedule.png"),
                              title=f"σ tables in {os.path.basename(os.path.abspath(output_dir))}")
     atomic_write_json(os.path.join(output_dir, "optimize_log.json"), result.log(base_model))
+    save_optimize_card(output_dir, dict(scheduler.config))
     return {n: "kept" if n in kept_old else "replaced" if n in replace else "added" for n in result.tables}
 
 

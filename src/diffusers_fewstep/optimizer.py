@@ -106,8 +106,9 @@ class ScheduleResult:
                 "num_evals": keyed(self.num_evals), "shared": self.shared, "settings": self.settings}
 
     def save(self, output_dir: str, base_scheduler_config, base_model: Optional[str] = None) -> str:
-        """Write `output_dir/scheduler/`, `schedule.png` and `optimize_log.json` (each write atomic). The
+        """Write `output_dir/scheduler/`, `schedule.png`, `optimize_log.json` (each write atomic) and `README.md`. The
         `optimize` CLI adds its tables to those already in the folder instead (:mod:`~diffusers_fewstep.optimize_cli`)."""
+        from .model_card import save_optimize_card
         from .outputs import atomic_write_json, write_scheduler
         from .plotting import plot_schedule_comparison
 
@@ -116,6 +117,7 @@ class ScheduleResult:
         plot_schedule_comparison(self.tables, scheduler.noise_schedule, os.path.join(output_dir, "schedule.png"),
                                  title=f"kept tables · {self.settings['loss']} loss · {self.settings['select_by']}")
         atomic_write_json(os.path.join(output_dir, "optimize_log.json"), self.log(base_model))
+        save_optimize_card(output_dir, dict(scheduler.config))
         return output_dir
 
 
