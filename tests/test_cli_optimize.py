@@ -229,3 +229,25 @@ def test_flux_pipeline_samples_with_the_learned_table(tmp_path):
     assert float((sample() - latents).abs().max()) > 1e-3  # the pipeline's own σ's: another image
     assert pipe.scheduler.table_source == "sigmas passed to set_timesteps"
     assert LearnedScheduleScheduler().config.use_flow_sigmas is False
+
+
+def test_cli_optimize_pushes_the_folder_with_its_card(tmp_path, capsys, monkeypatch, tiny_model):
+    """--push-to-hub: the output folder (tables, plot, log, model card) goes to the Hub repo, created first."""
+    import huggingface_hub
+
+    calls = {}
+
+    class Url:
+        repo_id = "me/fewstep"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.update(create=(repo_id, kw)) or Url())
+    monkeypatch.setattr(huggingface_hub, "upload_folder",
+                        lambda **kw: calls.update(upload=kw, files=sorted(os.listdir(kw["folder_path"]))))
+    out = tmp_path / "fewstep"
+    assert main(["optimize", "--model", tiny_model, "--nfe", "2", "--solver", "euler", *TINY, "--output-dir", str(out),
+                 "--push-to-hub", "--hub-model-id", "me/fewstep"]) == 0
+    assert calls["create"] == ("me/fewstep", {"exist_ok": True, "private": False, "token": None})
+    assert calls["upload"]["repo_id"] == "me/fewstep" and calls["upload"]["folder_path"] == str(out)
+    assert calls["files"] == ["README.md", "optimize_log.json", "schedule.png", "scheduler"]
+    assert "uploaded to https://huggingface.co/me/fewstep" in capsys.readouterr().out
+

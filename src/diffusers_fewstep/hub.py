@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 # a folder of the Hub's download cache: .../models--<owner>--<name>/snapshots/<revision>[/subfolder]
 HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+(?:/|$)")
@@ -83,3 +83,16 @@ def load_model_and_scheduler_config(path_or_id: str, subfolder: Optional[str] = 
             kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
             return cls.from_pretrained(root, subfolder=sub, **kwargs), config
     raise FileNotFoundError(f"no unet/ or transformer/ model in {root}")
+
+
+def push_folder(folder: str, repo_id: Optional[str] = None, private: bool = False, token: Optional[str] = None,
+                ignore_patterns: Sequence[str] = (), commit_message: str = "learned few-step schedule") -> str:
+    """Create the Hub repo `repo_id` (default: the folder's name) and upload `folder` into it; returns the repo id."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id or os.path.basename(os.path.abspath(folder)), exist_ok=True, private=private,
+                          token=token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                  ignore_patterns=list(ignore_patterns), token=token)
+    return repo_id
+

@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "objectives, and the reference set of the held-out fd_data score of every candidate "
                              "(it keeps the table only with --select-by fd_data)")
     parser.add_argument("--patience", type=int, default=30, help="early stopping patience (iterations)")
+    parser.add_argument("--push-to-hub", action="store_true",
+                        help="upload --output-dir (tables, plot, log, model card) to the Hub at the end")
+    parser.add_argument("--hub-model-id", default=None, help="Hub repo id (default: the output folder's name)")
+    parser.add_argument("--hub-private-repo", action="store_true", help="create the Hub repo private")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
                         help="autocast of the model calls (default: bf16 on cuda)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute model calls in backward")
@@ -206,7 +210,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{args.output_dir}" + (f" ({reason})" if what == "replaced" else ""))
     every = sorted(set(result.tables) | set(existing_tables(existing_config)))
     print(f"wrote {args.output_dir}/scheduler (tables for {every} steps), {args.output_dir}/schedule.png, "
-          f"{args.output_dir}/optimize_log.json")
+          f"{args.output_dir}/optimize_log.json, {args.output_dir}/README.md")
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        print(f"uploaded to https://huggingface.co/{push_folder(args.output_dir, args.hub_model_id, args.hub_private_repo)}")
     return 0
 
 

@@ -686,13 +686,10 @@ def _save_pipeline(model, scheduler, args) -> None:
 
 def push_to_hub(args) -> str:
     """Create the Hub repo and upload the output folder (checkpoints and logs excluded)."""
-    from huggingface_hub import create_repo, upload_folder
+    from .hub import push_folder
 
-    repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
-                          private=args.hub_private_repo, token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="learned few-step schedule",
-                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**"], token=args.hub_token)
-    return repo_id
+    return push_folder(args.output_dir, args.hub_model_id, args.hub_private_repo, args.hub_token,
+                       ["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**"])
 
 
 def run(args: argparse.Namespace) -> int:
