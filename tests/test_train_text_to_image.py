@@ -294,7 +294,8 @@ def test_text_to_image_settings_are_refused_in_one_line(saved, tmp_path, capsys)
 
 def test_guided_phase2_losses_keep_each_row_with_its_trajectory(saved):
     """The batched losses of a guided student (cond and uncond rows repeated over the N steps of one batch) equal
-    the same losses computed one trajectory at a time; guidance changes them."""
+    the same losses computed one trajectory at a time, and the trajectory's with all steps in one call
+    (`batch_steps`); guidance changes them."""
     from diffusers import DiffusionPipeline
 
     from diffusers_fewstep.conditioning import encode_text_to_image
@@ -314,6 +315,11 @@ def test_guided_phase2_losses_keep_each_row_with_its_trajectory(saved):
             for i in range(3):
                 mean = sum(o[f"step_{i}"] for o in one) / 3
                 assert abs(batched[f"step_{i}"] - mean) < 1e-4 * mean, (target, i)
+            if target == "trajectory":  # the N steps in one call (cond and uncond rows repeated): the same losses
+                steps = phase2_loss(student, states, table, target, cond=encoded.cond, uncond=encoded.uncond,
+                                    batch_steps=True)[1]
+                for i in range(3):
+                    assert abs(steps[f"step_{i}"] - batched[f"step_{i}"]) < 1e-4 * batched[f"step_{i}"], i
         student.guidance_scale = 1.0
         unguided = phase2_loss(student, states, table, "interval_average", cond=encoded.cond)[1]
     assert abs(unguided["step_1"] - batched["step_1"]) > 0.05 * batched["step_1"]
