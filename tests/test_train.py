@@ -30,9 +30,9 @@ def tiny_pipeline(tmp_path_factory):
     return path
 
 
-def _launch(*args):
+def _launch(*args, processes: int = 1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,6 +76,21 @@ def test_accelerate_launch_output_loads_into_a_pipeline_and_samples(tiny_pipelin
     assert "sigmas.png" in card and "| 1 | Phase 1 (tables) | 3 |" in card
     assert os.path.getsize(os.path.join(out, "sigmas.png")) > 1000
     assert "![learning curves](curves.png)" in card and os.path.getsize(os.path.join(out, "curves.png")) > 1000
+
+
+def test_two_processes_train_one_model(tiny_pipeline, tmp_path):
+    """accelerate launch --num_processes 2 (CPU, gloo): both processes step one model on their shares of the pool,
+    the evaluations run on the main process, and every Phase-2 row carries the throughput."""
+    out = str(tmp_path / "out")
+    _launch("--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1", "--phase2_steps", "4",
+            "--eval_steps", "2", "--checkpointing_steps", "100", "--use_ema", "--no-compare_reference",
+            *FAST[:FAST.index("--phase1_iters")], "--phase1_iters", "0", *FAST[FAST.index("--pool_size"):], processes=2)
+    with open(os.path.join(out, "metrics.json")) as f:
+        record = json.load(f)
+    rows = record["metrics"]
+    assert [(m["phase"], m["global_step"]) for m in rows] == [("phase1", 0), ("phase2", 2), ("phase2", 4), ("phase1", 4)]
+    assert record["args"]["train_batch_size"] == 8 and all(m["samples_per_s"] > 0 for m in rows[1:])
+    assert rows[2]["rmse_nfe2"] != rows[0]["rmse_nfe2"]  # the model moved
 
 
 def _resume_args(tiny_pipeline):
