@@ -251,3 +251,26 @@ def test_cli_optimize_pushes_the_folder_with_its_card(tmp_path, capsys, monkeypa
     assert calls["files"] == ["README.md", "optimize_log.json", "schedule.png", "scheduler"]
     assert "uploaded to https://huggingface.co/me/fewstep" in capsys.readouterr().out
 
+
+def test_the_issue_command_as_written_on_the_sd_fixture(tmp_path, monkeypatch, capsys):
+    """`diffusers-fewstep optimize --model <sd fixture> --prompts prompts.txt --nfe 4 6` as written (`--prompts` is
+    `--prompts-file`; no --output-dir: outputs/<model>-fewstep): tables for 4 and 6 steps fitted to the fixture's
+    own 50-step PNDM image, which then load into StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_fewstep import DEFAULT_MODEL
+
+    fixture = os.path.join(os.path.dirname(DEFAULT_MODEL), "fmnist-t2i-sd")
+    (tmp_path / "prompts.txt").write_text("a photo of a sneaker\na photo of a bag\n")
+    monkeypatch.chdir(tmp_path)
+    cheap = ["--device", "cpu", "--max-iters", "1", "--pool-size", "2", "--validation-size", "4", "--batch-size", "2",
+             "--starts", "0", "--reference-steps", "10", "--quiet"]  # the CPU budget, cut further for the test suite
+    assert main(["optimize", "--model", fixture, "--prompts", "prompts.txt", "--nfe", "4", "6", *cheap]) == 0
+    out = tmp_path / "outputs" / "fmnist-t2i-sd-fewstep"
+    settings = json.loads((out / "optimize_log.json").read_text())["settings"]
+    assert (settings["reference_scheduler"], settings["reference_solver"]) == ("pipeline", "PNDMScheduler")
+    pipe = StableDiffusionPipeline.from_pretrained(fixture)
+    pipe.scheduler = LearnedScheduleScheduler.from_pretrained(str(out), subfolder="scheduler")
+    assert pipe.scheduler.available_nfes == [4, 6]
+    assert "wrote outputs/fmnist-t2i-sd-fewstep/scheduler" in capsys.readouterr().out
+

@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8], help="step counts to learn tables for")
     parser.add_argument("--solver", default="auto",
                         help="auto (the best solver per step count), euler (= DDIM), dpmpp_2m, unipc or ipndm")
-    parser.add_argument("--output-dir", required=True, help="writes scheduler/, schedule.png, optimize_log.json")
+    parser.add_argument("--output-dir", default=None,
+                        help="writes scheduler/, schedule.png, optimize_log.json, README.md (default: "
+                             "outputs/<model folder or Hub name>-fewstep)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the tables already in --output-dir even if they score better")
     parser.add_argument("--loss", default=None, choices=LOSSES,
@@ -158,6 +160,11 @@ def default_reference(t2i, quiet: bool = False) -> str:
     return "pipeline"
 
 
+def default_output_dir(model: str) -> str:
+    """`outputs/<name>-fewstep` for a model folder or Hub id (`user/name` → `name`)."""
+    return os.path.join("outputs", os.path.basename(os.path.normpath(model)) + "-fewstep")
+
+
 def run(args: argparse.Namespace) -> int:
     """Learn, select and save the tables; print the held-out comparison and where the files are."""
     from .adapter import SigmaDenoiser
@@ -166,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     from .hub import load_model_and_scheduler_config, portable_model_ref
     from .outputs import read_scheduler_tables
 
+    args.output_dir = args.output_dir or default_output_dir(args.model)
     try:  # before any model is loaded
         check_measure(args.select_by or "fd_self", has_data=bool(args.data), conditional=args.prompts_file is not None)
     except ValueError as err:
