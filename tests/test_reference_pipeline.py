@@ -142,6 +142,25 @@ def test_cli_reference_scheduler_pipeline(tmp_path, capsys, given):
     assert "against the reference solutions (PNDMScheduler, 50 steps;" in capsys.readouterr().out
 
 
+def test_cli_pipeline_reference_takes_the_pipelines_own_step_count(tmp_path):
+    """SD3's pipeline samples 28 steps by default (SD 50): the default pipeline reference of an SD3 pipeline is its
+    FlowMatchEuler scheduler at 28 steps, and at --reference-steps when given."""
+    from diffusers_fewstep.conditioning import default_steps
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3())
+    assert (default_steps(pipe), default_steps(_sd(PNDMScheduler(**PNDM_SD)))) == (28, 50)
+    pipe.save_pretrained(tmp_path / "sd3")
+    (tmp_path / "prompts.txt").write_text("a photo of a sneaker\n")
+    tiny = ["--max-iters", "1", "--batch-size", "2", "--pool-size", "2", "--validation-size", "2", "--device", "cpu",
+            "--quiet", "--nfe", "2", "--solver", "euler", "--starts", "0"]
+    for extra, steps in (([], 28), (["--reference-steps", "6"], 6)):
+        out = tmp_path / f"out{steps}"
+        assert main(["optimize", "--model", str(tmp_path / "sd3"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                     *tiny, *extra, "--output-dir", str(out)]) == 0
+        settings = json.loads((out / "optimize_log.json").read_text())["settings"]
+        assert (settings["reference_solver"], settings["reference_steps"]) == ("FlowMatchEulerDiscreteScheduler", steps)
+
+
 def test_cli_text_to_image_default_reference_falls_back_to_the_ode_for_a_stochastic_scheduler(tmp_path, capsys):
     from diffusers import EulerAncestralDiscreteScheduler
 

@@ -79,16 +79,10 @@ def pick_device(name: str = "") -> torch.device:
 
 
 def load_pipeline(folder: str, device="cpu"):
-    """The stock diffusers pipeline saved in `folder`, offline, in fp32. Components saved as `null` are passed as
-    None: `StableDiffusion3Pipeline.from_pretrained` requires `text_encoder_3=None, tokenizer_3=None` for a
-    T5-less SD3 (they are not optional components in diffusers 0.42)."""
-    import json
+    """The stock diffusers pipeline saved in `folder`, offline, in fp32 (components saved as None, as SD3's T5 may
+    be, passed as None: :func:`diffusers_fewstep.hub.load_pipeline`)."""
+    from diffusers_fewstep.hub import load_pipeline as load
 
-    from diffusers import DiffusionPipeline
-
-    with open(os.path.join(folder, "model_index.json")) as f:
-        index = json.load(f)
-    nulls = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, **nulls).to(device)
+    pipe = load(folder, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -104,6 +104,7 @@ class TextToImage:
         scheduler_config (`dict`): the pipeline's scheduler config (the base of the learned scheduler).
         prompts (`list[str]`), guidance_scale (`float`), height (`int`), width (`int`): as used.
         mu (`float`, *optional*): the dynamic shift of flow schedulers with `use_dynamic_shifting`.
+        default_steps (`int`): the pipeline's default `num_inference_steps` (the steps of its own image).
     """
 
     denoiser: SigmaDenoiser
@@ -116,6 +117,7 @@ class TextToImage:
     height: int
     width: int
     mu: Optional[float] = None
+    default_steps: int = 50
 
 
 def load_text_to_image(path_or_id: str, prompts: Sequence[str], negative_prompt: Union[str, Sequence[str], None] = None,
@@ -139,11 +141,11 @@ def load_text_to_image(path_or_id: str, prompts: Sequence[str], negative_prompt:
         from_pretrained_kwargs: further arguments of `DiffusionPipeline.from_pretrained` (`variant="fp16"`;
             `text_encoder_3=None, tokenizer_3=None` to run SD3 without T5, as its pipeline allows).
     """
-    from diffusers import DiffusionPipeline
+    from .hub import load_pipeline
 
     if torch_dtype is not None:
         from_pretrained_kwargs["torch_dtype"] = torch_dtype
-    pipe = DiffusionPipeline.from_pretrained(path_or_id, **from_pretrained_kwargs)
+    pipe = load_pipeline(path_or_id, **from_pretrained_kwargs)
     result = encode_text_to_image(pipe, prompts, negative_prompt, guidance_scale, height, width, device, batch_size)
     release(pipe, TEXT_ENCODERS, device)  # the encodings are all the optimiser needs
     return result
@@ -193,7 +195,8 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
     else:
         denoiser = SigmaDenoiser(model, config, **kwargs)
     denoiser.sample_shape = sample_shape  # read by optimize_schedule when no sample_shape is passed
-    return TextToImage(denoiser, sample_shape, cond, uncond, config, prompts, guidance_scale, height, width, mu)
+    return TextToImage(denoiser, sample_shape, cond, uncond, config, prompts, guidance_scale, height, width, mu,
+                       default_steps(pipe))
 
 
 class FluxSigmaDenoiser(SigmaDenoiser):
@@ -236,14 +239,28 @@ def pipeline_family(pipe) -> str:
                      "(and subclasses)")
 
 
+def _call_default(pipe, name: str):
+    """The default of `name` in the pipeline's `__call__` (few-step subclasses take **kwargs: the stock class's), or
+    None."""
+    for cls in type(pipe).__mro__:
+        call = cls.__dict__.get("__call__")
+        param = inspect.signature(call).parameters.get(name) if call else None
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default
+    return None
+
+
 def default_guidance_scale(pipe) -> float:
     """The `guidance_scale` default of the pipeline's `__call__` (SD 7.5, SDXL 5.0, SD3 7.0, Flux 3.5)."""
-    for cls in type(pipe).__mro__:  # few-step subclasses take **kwargs: ask the stock class
-        call = cls.__dict__.get("__call__")
-        param = inspect.signature(call).parameters.get("guidance_scale") if call else None
-        if param is not None and param.default is not inspect.Parameter.empty:
-            return float(param.default)
-    raise ValueError(f"{type(pipe).__name__}.__call__ has no guidance_scale default; pass guidance_scale")
+    value = _call_default(pipe, "guidance_scale")
+    if value is None:
+        raise ValueError(f"{type(pipe).__name__}.__call__ has no guidance_scale default; pass guidance_scale")
+    return float(value)
+
+
+def default_steps(pipe) -> int:
+    """The `num_inference_steps` default of the pipeline's `__call__` (SD and SDXL 50, SD3 and Flux 28; 50 if none)."""
+    return int(_call_default(pipe, "num_inference_steps") or 50)
 
 
 def _classifier_free(family, model, guidance_scale, negative_prompt) -> bool:

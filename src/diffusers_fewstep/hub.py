@@ -96,3 +96,18 @@ def push_folder(folder: str, repo_id: Optional[str] = None, private: bool = Fals
                   ignore_patterns=list(ignore_patterns), token=token)
     return repo_id
 
+
+def load_pipeline(path_or_id: str, **kwargs):
+    """`DiffusionPipeline.from_pretrained(path_or_id, **kwargs)`, with every component its `model_index.json` saved
+    as None passed as None: diffusers requires that for components that are not optional (`text_encoder_3` and
+    `tokenizer_3` of an SD3 pipeline saved without T5)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(path_or_id, **{k: v for k, v in kwargs.items()
+                                                             if k in ("local_files_only", "token", "revision")})
+    except (OSError, ValueError):  # no such folder or repo: from_pretrained says so in its own words
+        index = {}
+    absent = {k: None for k, v in index.items() if isinstance(v, (list, tuple)) and list(v) == [None, None]}
+    return DiffusionPipeline.from_pretrained(path_or_id, **{**absent, **kwargs})
+

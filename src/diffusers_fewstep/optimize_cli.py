@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Optional
 
 import torch
 
@@ -60,10 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-scheduler", default=None,
                         help="what the tables are fitted to and selected by, from the same noises: ode (a DPM-Solver++(2M) "
                              "solve of the ODE; the default) or pipeline (the image the pipeline makes: the model's own "
-                             "diffusers scheduler at --reference-steps, 50 by default; the default for text-to-image "
+                             "diffusers scheduler at --reference-steps, by default the pipeline's own step count; the "
+                             "default for text-to-image "
                              "pipelines whose scheduler is deterministic)")
     parser.add_argument("--reference-steps", type=int, default=None,
-                        help="steps of the reference (default: ode 200, on a CPU 32; pipeline 50)")
+                        help="steps of the reference (default: ode 200, on a CPU 32; pipeline: the pipeline's default "
+                             "num_inference_steps, SD and SDXL 50, SD3 and Flux 28)")
     parser.add_argument("--init", default=None,
                         help="one more candidate table per NFE: a baseline (ddim_trailing, karras, loguniform, ddim_leading), "
                              "peer:<a diffusers scheduler of schedules.STOCK_SCHEDULERS> or a folder of learned tables")
@@ -160,6 +163,12 @@ def default_reference(t2i, quiet: bool = False) -> str:
     return "pipeline"
 
 
+def pipeline_steps(args, t2i) -> Optional[int]:
+    """Steps of the pipeline reference: `--reference-steps`, else the text-to-image pipeline's own default
+    `num_inference_steps` (SD 50, SD3 28), else None (50)."""
+    return args.reference_steps or (t2i.default_steps if t2i is not None else None)
+
+
 def default_output_dir(model: str) -> str:
     """`outputs/<name>-fewstep` for a model folder or Hub id (`user/name` → `name`)."""
     return os.path.join("outputs", os.path.basename(os.path.normpath(model)) + "-fewstep")
@@ -205,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         num_iters=pick("max_iters"), batch_size=pick("batch_size"), lr=args.lr,
         validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data, cond=cond, uncond=uncond,
         init=starting_tables(args.init, args.nfe, config), existing={n: v for n, v in existing.items() if n in args.nfe},
-        reference_steps=args.reference_steps if args.reference_scheduler == "pipeline" else pick("reference_steps"),
+        reference_steps=pipeline_steps(args, t2i) if args.reference_scheduler == "pipeline" else pick("reference_steps"),
         reference_scheduler=args.reference_scheduler, seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, on_table=save)

@@ -8,7 +8,7 @@
   the `imagefolder` layout of diffusers' `train_text_to_image.py` (`metadata.jsonl` or `metadata.csv` with a
   `file_name` column and a `text` column). The images are read only for the optional denoising loss
   (`--denoising_weight`): the VAE encodes them once, each paired with its own caption.
-- The pipeline is loaded once (`DiffusionPipeline.from_pretrained`); the prompts are encoded once with its own
+- The pipeline is loaded once (`DiffusionPipeline.from_pretrained`, :func:`~diffusers_fewstep.hub.load_pipeline`); the prompts are encoded once with its own
   `encode_prompt` (:func:`~diffusers_fewstep.conditioning.encode_text_to_image`) and the encodings stay in memory;
   the text encoders and the VAE are frozen, used once and freed (`--offload_text_encoders` runs them on the
   CPU, so they never take accelerator memory).
@@ -156,7 +156,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def load_training_pipeline(args: argparse.Namespace, device, need_images: bool) -> TrainingPipeline:
     """Load the pipeline once, encode the prompts (and, with `need_images`, the captioned images) once, free the
     text encoders and the VAE, and return the model to tune with the encodings on `device`."""
-    from diffusers import DiffusionPipeline
+    from .hub import load_pipeline
 
     check_arguments(args)
     files = None
@@ -164,12 +164,7 @@ def load_training_pipeline(args: argparse.Namespace, device, need_images: bool) 
         prompts = read_prompts(args.prompts_file, args.prompt_column)
     else:
         files, prompts = read_captioned_folder(args.train_data_dir, args.prompt_column)
-    # components the folder saved as None (SD3 without T5) are passed as None, which diffusers requires
-    index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path)
-    kwargs = {k: None for k, v in index.items() if isinstance(v, (list, tuple)) and list(v) == [None, None]}
-    if args.variant:
-        kwargs["variant"] = args.variant
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, **({"variant": args.variant} if args.variant else {}))
     work = torch.device("cpu") if args.offload_text_encoders else torch.device(device)
     encoded = encode_text_to_image(pipe, prompts, args.negative_prompt, args.guidance_scale, args.resolution,
                                    args.resolution, work)
