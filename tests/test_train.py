@@ -406,7 +406,7 @@ def test_phase2_starts_from_the_tables_of_a_learned_folder(tiny_pipeline, tmp_pa
         train.main(train.parse_args([*common, "--output_dir", str(tmp_path / "o3"), "--phase1_init", str(other)]))
 
 
-def test_model_card_warns_with_the_numbers_at_counts_it_was_not_tuned_for():
+def test_model_card_warns_with_the_numbers_where_the_tuned_model_is_worse():
     from diffusers_fewstep.model_card import card_text
 
     rows = [{"nfe": 4, "table": "learned", "solver": "euler", "tuned_count": True, "tuned_fd": 2.62, "base_fd": 5.98,
@@ -424,6 +424,11 @@ def test_model_card_warns_with_the_numbers_at_counts_it_was_not_tuned_for():
     rows[2]["tuned_fd"] = 0.2
     assert "it was not worse than the base model (FD)" in card_text("fmnist", {"4": [1.0, 0.0]}, [], "euler", False,
                                                                      True, "me/x", rows)
+    # tuned for 4 steps and no better there than the base model: the card says so, with the numbers
+    assert "Tuning did not help" not in card
+    rows[0]["tuned_fd"] = 6.1
+    assert ("No better than the base model with the same table at 4 steps: FD 6.1 against the base model's 5.98."
+            in card_text("fmnist", {"4": [1.0, 0.0]}, [], "euler", False, True, "me/x", rows))
 
 
 def test_speed_options_train_the_same_model_on_cpu(tiny_pipeline, tmp_path):

@@ -62,6 +62,20 @@ def specialisation_warning(rows: List[dict], nfes: Sequence[int]) -> str:
     return text + f" Measured worse than the base model at {found}. Use the base model at those counts."
 
 
+def tuning_shortfall(rows: List[dict]) -> str:
+    """A warning naming every count the model was tuned for where it measured no better than the base model with the
+    same table ("" when tuning helped at all of them)."""
+    metric = "fd" if all("tuned_fd" in r for r in rows) else "rmse"
+    short = [r for r in rows if r["tuned_count"] and r["table"] == "learned"
+             and r[f"tuned_{metric}"] >= r[f"base_{metric}"]]
+    if not short:
+        return ""
+    found = "; ".join(f"{r['nfe']} steps: {metric.upper()} {r[f'tuned_{metric}']:.4g} against the base model's "
+                      f"{r[f'base_{metric}']:.4g}" for r in short)
+    return (f"**Tuning did not help at every count it was meant for.** No better than the base model with the same "
+            f"table at {found}. Sample the base model with the learned table there, or train longer.")
+
+
 def step_counts_section(rows: List[dict], nfes: Sequence[int]) -> str:
     if not rows:
         return ""
@@ -74,6 +88,8 @@ tables), at other counts with a hand-made table, and with the base model's many-
 against the base model's reference solution (so the base model scores 0 on the reference solve).
 
 {step_counts_table(rows)}
+
+{tuning_shortfall(rows)}
 
 {specialisation_warning(rows, nfes)}
 """

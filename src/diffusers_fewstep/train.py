@@ -43,6 +43,7 @@ from .data import load_images
 from .finetune import (PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, ema_weights,
                        lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .schedules import starting_tables
+from .model_card import tuning_shortfall
 from .selection import extra_args
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
 from .text_to_image_training import check_arguments as check_text_to_image_arguments
@@ -544,6 +545,9 @@ def compare_step_counts(args, state: TrainState, tuned: SigmaDenoiser, base: Sig
                 row.update({f"{who}_{k}": v for k, v in _scores(denoiser, sigmas, solver, ev, args).items()})
             logger.info("step counts: %s", row)
             rows.append(row)
+    shortfall = tuning_shortfall(rows)
+    if shortfall:
+        logger.warning(shortfall.replace("**", ""))
     return rows
 
 
