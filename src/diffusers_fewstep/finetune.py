@@ -160,33 +160,30 @@ def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tenso
     calls), then all N steps through the student in one batch with gradients. Where a step is bound by the
     per-call overhead (kernel launches of a small model), one big call costs about what one small one does.
     """
-    n = len(sigmas) - 1
+    kwargs = _kwargs(cond, uncond)
     if batch_steps:
         with torch.no_grad():
-            xs, targets = _solver_states(student, states, sigmas, solver, cond, uncond)
-        return _batched_loss(student, xs, targets, sigmas, cond, uncond, step_weights, loss)
-    x, state, losses = states[0], None, []
-    for i in range(n):
-        target = step_target(solver, x, sigmas, i, state, states[i + 1])
-        denoised = student(x, sigmas[i], **_kwargs(cond, uncond))
-        losses.append(_distance(denoised, target, loss).mean())
-        x, state = solvers.step(solver, x, denoised.detach().to(x.dtype), sigmas, i, state)
-    per_step = torch.stack(losses)
+            xs, targets, _ = zip(*_student_solve(student, states, sigmas, solver, kwargs, last=False))
+        return _batched_loss(student, torch.stack(xs), torch.stack(targets), sigmas, cond, uncond, step_weights, loss)
+    n = len(sigmas) - 1
+    per_step = torch.stack([_distance(denoised, target, loss).mean()
+                            for _, target, denoised in _student_solve(student, states, sigmas, solver, kwargs)])
     return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
 
 
-def _solver_states(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str,
-                   cond: Optional[dict], uncond: Optional[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The student's own states x̂_0 … x̂_{N−1} and the landing targets at each, `(N, B, …)` both."""
+def _student_solve(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str, kwargs: dict,
+                   last: bool = True):
+    """The student's own few-step solve from the teacher's x(σ_0): yields, per step i, (x̂_i, the D that lands the
+    step on the teacher's x(σ_{i+1}), the student's D_θ(x̂_i; σ_i)). Each step advances with D_θ detached;
+    `last=False` leaves out the last step's model call (its D moves nothing: None)."""
     n = len(sigmas) - 1
-    x, state, xs, targets = states[0], None, [], []
+    x, state = states[0], None
     for i in range(n):
-        xs.append(x)
-        targets.append(step_target(solver, x, sigmas, i, state, states[i + 1]))
-        if i < n - 1:  # the last step's D moves nothing the loss sees
-            denoised = student(x, sigmas[i], **_kwargs(cond, uncond)).to(x.dtype)
-            x, state = solvers.step(solver, x, denoised, sigmas, i, state)
-    return torch.stack(xs), torch.stack(targets)
+        target = step_target(solver, x, sigmas, i, state, states[i + 1])
+        denoised = student(x, sigmas[i], **kwargs) if last or i < n - 1 else None
+        yield x, target, denoised
+        if i < n - 1:
+            x, state = solvers.step(solver, x, denoised.detach().to(x.dtype), sigmas, i, state)
 
 
 def denoising_loss(student: Callable, x0: torch.Tensor, sigmas: torch.Tensor, generator: Optional[torch.Generator] = None,
