@@ -85,14 +85,6 @@ def build_scheduler(class_name: str, base_config, overrides: dict):
     return cls.from_config({**base, **overrides})
 
 
-def load_learned(folder: str):
-    """A `LearnedScheduleScheduler` from `folder/scheduler` (or `folder` itself when it holds the config)."""
-    from diffusers_fewstep import LearnedScheduleScheduler
-
-    sub = "scheduler" if os.path.isdir(os.path.join(folder, "scheduler")) else None
-    return LearnedScheduleScheduler.from_pretrained(folder, subfolder=sub, local_files_only=True)
-
-
 def initial_latents(pipe, n: int, seed: int, device) -> torch.Tensor:
     """The seeded initial latents every row starts from (drawn on `device`, as the pipelines draw them)."""
     denoiser = pipe.unet if pipeline_kind(pipe) == "sd" else pipe.transformer
@@ -189,7 +181,9 @@ def learned_row(folder: str, name: str, base_config) -> tuple:
     """(scheduler, label, its NFEs, info) for a learned schedule folder, checked against the pipeline's schedule. A
     `scripts/train_fewstep.py` output folder also holds the tuned model: its LoRA (`pytorch_lora_weights.safetensors`,
     diffusers' format) or its full `unet/`; the row then samples with it (`info["tuned"]`)."""
-    scheduler = load_learned(folder)
+    from diffusers_fewstep import LearnedScheduleScheduler
+
+    scheduler = LearnedScheduleScheduler.from_folder(folder)
     if hasattr(scheduler, "check_compatible"):
         scheduler.check_compatible(base_config)
     nfes = sorted(int(k) for k in scheduler.config.sigma_tables)

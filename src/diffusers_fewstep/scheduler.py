@@ -8,6 +8,7 @@ of :mod:`diffusers_fewstep.solvers`, and converts back.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -143,6 +144,13 @@ class LearnedScheduleScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._state = None
+
+    @classmethod
+    def from_folder(cls, folder: str) -> "LearnedScheduleScheduler":
+        """The scheduler saved in a local run folder (`folder/scheduler/`, as `optimize` and the training script write
+        it) or in a scheduler folder itself."""
+        sub = "scheduler" if os.path.isdir(os.path.join(folder, "scheduler")) else None
+        return cls.from_pretrained(folder, subfolder=sub, local_files_only=True)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):

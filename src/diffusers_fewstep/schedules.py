@@ -6,6 +6,7 @@ A table is a 1-D decreasing tensor `[σ_0, …, σ_N]` with `N` model evaluation
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -193,16 +194,13 @@ def starting_tables(init: Optional[str], nfes: Sequence[int], base_config) -> Op
     than a baseline name (:func:`baseline_sigmas`, returned as is): `peer:<name>`, the σ's diffusers' scheduler
     `<name>` samples on (:data:`STOCK_SCHEDULERS`), or a folder holding learned tables (`scheduler/` of an `optimize`
     or training run), which must have one for every count of `nfes` and fit `base_config`'s model."""
-    import os
-
     if init is None or not (init.startswith("peer:") or os.path.isdir(init)):
         return init
     if init.startswith("peer:"):
         return {nfe: stock_sigmas(init[len("peer:"):], nfe, base_config) for nfe in nfes}
     from .scheduler import LearnedScheduleScheduler
 
-    sub = "scheduler" if os.path.isdir(os.path.join(init, "scheduler")) else None
-    learned = LearnedScheduleScheduler.from_pretrained(init, subfolder=sub, local_files_only=True)
+    learned = LearnedScheduleScheduler.from_folder(init)
     learned.check_compatible(base_config)
     tables = {int(k): [float(s) for s in v] for k, v in learned.config.sigma_tables.items()}
     missing = [n for n in nfes if n not in tables]
