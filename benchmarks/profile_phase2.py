@@ -35,7 +35,7 @@ from diffusers_fewstep.adapter import SigmaDenoiser  # noqa: E402
 from diffusers_fewstep.finetune import (LORA_ATTENTION_MODULES, LORA_TARGET_MODULES, add_lora,  # noqa: E402
                                         lora_target_modules, phase2_loss, teacher_states)
 from diffusers_fewstep.schedules import baseline_sigmas  # noqa: E402
-from diffusers_fewstep.train import build_pool, compile_backend  # noqa: E402
+from diffusers_fewstep.train import _synced, build_pool, compile_backend  # noqa: E402
 
 # name -> settings; "lora": None (full fine-tuning) or the adapter's target set
 VARIANTS = {
@@ -186,7 +186,7 @@ def time_variant(args, name: str, states, table, config) -> dict:
 
     t0 = time.perf_counter()
     step()  # the first step (compilation included), timed alone
-    first_s = time.perf_counter() - t0 if not cuda else _synced(t0)
+    first_s = _synced(args.device, t0)
     result = summary(timed(step, args, args.steps, max(0, args.warmup - 1)))
     if name in args.torch_profile:
         result["torch_profile"] = trace(step, args, name)
@@ -222,11 +222,6 @@ def trace(step, args, name: str) -> dict:
     device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
     host_us = sum(e.self_cpu_time_total for e in events)
     return {"path": path, "device_ms_per_step": device_us / 3000 if cuda else 0.0, "host_ms_per_step": host_us / 3000}
-
-
-def _synced(t0: float) -> float:
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def time_pool(args, teacher_name: str, table, config) -> dict:
