@@ -329,6 +329,9 @@ def test_several_step_counts_trained_evaluated_and_compared(tiny_pipeline, tmp_p
     assert [(m["phase"], m["global_step"]) for m in record["metrics"]] == [
         ("phase1", 0), ("phase2", 2), ("phase2", 4), ("phase2", 5), ("phase1", 5)]
     assert all(0 < m[f"rmse_nfe{n}"] < 10 for m in record["metrics"] for n in (2, 3))
+    # every Phase-2 evaluation, the end of the phase included, also scores the trajectories trained on
+    assert [m["global_step"] for m in record["metrics"] if "rmse_pool_nfe2" in m] == [2, 4, 5]
+    assert all(0 < m[f"rmse_pool_nfe{n}"] < 10 for m in record["metrics"][1:4] for n in (2, 3))
     # throughput: none before the first Phase-2 step; one pool build per round, so its time stays put
     assert "samples_per_s" not in record["metrics"][0]
     assert all(m["samples_per_s"] > 0 for m in record["metrics"][1:])
@@ -377,6 +380,9 @@ def test_fixed_tables_skip_phase_one_and_the_reference_row_can_be_left_out(tiny_
     with open(os.path.join(out, "metrics.json")) as f:
         rows = json.load(f)["step_counts"]
     assert [(r["nfe"], r["table"]) for r in rows] == [(2, "learned"), (4, "ddim_trailing")]
+    card = open(os.path.join(out, "README.md")).read()  # the card does not call held tables learned
+    assert "σ tables held fixed (`ddim_trailing`, not learned" in card and "learned for this model" not in card
+    assert "| 0 | tables (held fixed) | 0 |" in card
 
 
 def test_phase2_starts_from_the_tables_of_a_learned_folder(tiny_pipeline, tmp_path):
@@ -536,3 +542,24 @@ def test_push_to_hub_creates_the_repo_and_uploads_without_checkpoints(tmp_path, 
     upload = calls["upload"]
     assert upload["repo_id"] == "me/fmnist-fewstep" and upload["folder_path"] == args.output_dir
     assert "checkpoint-*" in upload["ignore_patterns"]
+
+
+def test_pool_rmse_is_the_endpoint_rmse_of_the_pools_own_noises(tiny_pipeline):
+    """`rmse_pool` (the generalisation gap's other half) is the evaluation's endpoint RMSE, measured from the native
+    noises behind the pool's σ-space starts x(σ_0) against the pool's teacher endpoints."""
+    from types import SimpleNamespace
+
+    from diffusers_fewstep.adapter import SigmaDenoiser
+    from diffusers_fewstep.evaluation import endpoint_rmse, generate
+    from diffusers_fewstep.schedules import baseline_sigmas
+    from diffusers_fewstep.train import _pool_rmse, build_pool
+
+    teacher = SigmaDenoiser.from_pretrained(tiny_pipeline).eval()
+    table = baseline_sigmas("ddim_trailing", 3, teacher.schedule).float()
+    args = SimpleNamespace(sample_shape=(1, 8, 8), pool_batch_size=8, reference_steps=10, eval_samples=12,
+                           solver="euler", clamp_samples=True)
+    pool = build_pool(teacher, table, 16, args, torch.Generator().manual_seed(0), "cpu")
+    noise = pool["states"][0, :12] * teacher.schedule.native_scale(table[:1].double()).float()
+    expected = endpoint_rmse(generate(teacher, noise, table), pool["states"][-1, :12].clamp(-1, 1))
+    measured = _pool_rmse(teacher, pool, table, args)
+    assert expected > 1e-3 and abs(measured - expected) < 1e-4

@@ -17,8 +17,9 @@ def plot_tables(tables: Dict[str, Sequence[float]], path: str) -> str:
     return plot_sigma_tables({f"learned ({k} steps)": v for k, v in ordered}, path, title="learned σ tables")
 
 
-def metrics_table(metrics: List[dict]) -> str:
-    """Markdown table: one row per (round, phase) with the endpoint RMSE for every NFE."""
+def metrics_table(metrics: List[dict], phase1: str = "Phase 1 (tables)") -> str:
+    """Markdown table: one row per (round, phase) with the endpoint RMSE for every NFE; `phase1` names the rows
+    after Phase 1."""
     if not metrics:
         return "_no metrics recorded_"
     nfe = lambda k: int(k.split("nfe")[1])  # noqa: E731
@@ -26,7 +27,7 @@ def metrics_table(metrics: List[dict]) -> str:
     head = "| round | after | optimiser steps | " + " | ".join(f"{k.split('_')[0].upper()} @ {nfe(k)} steps"
                                                               for k in keys) + " |"
     rule = "|" + "---|" * (3 + len(keys))
-    body = [f"| {r['round']} | {'Phase 1 (tables)' if r['phase'] == 'phase1' else 'Phase 2 (model)'} | "
+    body = [f"| {r['round']} | {phase1 if r['phase'] == 'phase1' else 'Phase 2 (model)'} | "
             f"{r['global_step']} | " + " | ".join(f"{r.get(k, float('nan')):.4f}" for k in keys) + " |" for r in metrics]
     return "\n".join([head, rule, *body])
 
@@ -113,7 +114,8 @@ def text_to_image_use(base_model: str, repo_id: str, use_lora: bool, tuned: bool
 
 def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict], solver: str,
               use_lora: bool, tuned: bool, repo_id: str, step_counts: Optional[List[dict]] = None,
-              text_to_image: Optional[dict] = None) -> str:
+              text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None) -> str:
+    """The card's markdown; `fixed_tables` names the tables of a run that held them fixed (`--phase1_iters 0`)."""
     nfes = sorted(int(k) for k in tables)
     if not tuned:
         load = (f'pipe = DDPMPipeline.from_pretrained("{base_model}")  # or your pipeline class\n'
@@ -126,8 +128,9 @@ def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List
         load = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")  # scheduler/ is a LearnedScheduleScheduler'
     curves_md = f"![learning curves]({CURVES_PLOT})\n" if len(metrics) > 1 else ""
     tables_md = "\n".join(f"- {n} steps: `[" + ", ".join(f"{s:.4g}" for s in tables[str(n)]) + "]`" for n in nfes)
-    what = ("σ tables learned for this model" + (" and the model tuned on them (LoRA adapter)" if use_lora and tuned
-                                                else " and the model tuned on them" if tuned else ""))
+    tuned_on = " and the model tuned on them (LoRA adapter)" if use_lora and tuned else " and the model tuned on them" if tuned else ""
+    what = (f"σ tables held fixed (`{fixed_tables}`, not learned: `--phase1_iters 0`){tuned_on}" if fixed_tables
+            else f"σ tables learned for this model{tuned_on}")
     use = f"""import diffusers_fewstep  # registers LearnedScheduleScheduler
 from diffusers import DDPMPipeline, DiffusionPipeline
 from diffusers_fewstep import LearnedScheduleScheduler
@@ -164,7 +167,7 @@ Endpoint RMSE of the few-step sampler against the base model's many-step DPM-Sol
 solution from the same noise and, when measured, the Fréchet distance (FD) of its samples to the
 reference images (lower is better for both), after each phase.
 
-{metrics_table(metrics)}
+{metrics_table(metrics, "tables (held fixed)" if fixed_tables else "Phase 1 (tables)")}
 {curves_md}
 {step_counts_section(step_counts or [], nfes)}"""
 
@@ -172,7 +175,7 @@ reference images (lower is better for both), after each phase.
 def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict],
                     solver: str = "euler", use_lora: bool = False, tuned: bool = True,
                     hub_model_id: Optional[str] = None, step_counts: Optional[List[dict]] = None,
-                    text_to_image: Optional[dict] = None):
+                    text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None):
     """Write `README.md` (a `huggingface_hub.ModelCard`) and the σ plot into `output_dir`; returns the card.
     `text_to_image` (a text-to-image run: pipeline class, guidance scale, prompts) gives its loading snippet."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -187,7 +190,8 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
                          tags=["diffusers", "diffusers-fewstep", "few-step-sampling"] + (["lora"] if use_lora else [])
                          + (["text-to-image"] if text_to_image else []))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(base_model, tables, metrics, solver, use_lora,
-                                                                    tuned, repo_id, step_counts, text_to_image))
+                                                                    tuned, repo_id, step_counts, text_to_image,
+                                                                    fixed_tables))
     card.save(os.path.join(output_dir, "README.md"))
     return card
 

@@ -356,7 +356,7 @@ def main(args: argparse.Namespace) -> str:
     ev = _eval_set(teacher, args, device, rows) if accelerator.is_main_process and args.eval_samples > 0 else None
 
     # 3. alternate the phases; a signal or an error saves a checkpoint before the run ends (checkpoints.py)
-    evaluate = lambda: _record(accelerator, state, "phase2", tuned, ev, args)  # noqa: E731
+    evaluate = lambda pools=None: _record(accelerator, state, "phase2", tuned, ev, args, pools, rows)  # noqa: E731
     with StopSignals() as guard:
         guard.saved(resumed and os.path.basename(os.path.normpath(resumed)))
         try:
@@ -375,9 +375,6 @@ def main(args: argparse.Namespace) -> str:
                            rows, guard, evaluate if accelerator.is_main_process else None):
                     accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
                     return args.output_dir
-                if accelerator.is_main_process and not (args.eval_steps and state.global_step % args.eval_steps == 0):
-                    with ema_weights(ema, _trainable(unwrapped)):
-                        evaluate()
                 state.round, state.phase = state.round + 1, 1
                 save_or_stop(accelerator, args, state, guard)
 
@@ -475,6 +472,23 @@ def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dic
     return scores
 
 
+@torch.no_grad()
+def _pool_rmse(denoiser: SigmaDenoiser, pool: dict, sigmas, args, rows: Optional[Conditioning] = None) -> float:
+    """Endpoint RMSE of the few-step solve from the first `--eval_samples` pool trajectories' x(σ_0) against their
+    teacher endpoints (both in σ-space: the tables end where the teacher's states do)."""
+    from .evaluation import endpoint_rmse
+    from .reference import autocast_context
+    from .solvers import sample
+
+    states = pool["states"][:, : args.eval_samples]
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=states.device)
+    extra = None if rows is None else rows.rows(pool["rows"][: args.eval_samples])
+    with autocast_context(states.device):
+        samples = sample(denoiser, states[0], sigmas, args.solver, extra_args=extra).float()
+    clamp = (lambda x: x.clamp(-1, 1)) if args.clamp_samples else (lambda x: x)
+    return round(endpoint_rmse(clamp(samples), clamp(states[-1].float())), 5)
+
+
 @contextlib.contextmanager
 def _eval_mode(*modules):
     modes = [m.training for m in modules]
@@ -502,9 +516,12 @@ def _synced(device, start: float) -> float:
     return time.perf_counter() - start
 
 
-def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args) -> None:
+def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args,
+            pools: Optional[dict] = None, rows: Optional[Conditioning] = None) -> None:
     """Endpoint RMSE (and FD) of the current model at every tuned count, appended to `state.metrics`, with the time
-    so far and the Phase-2 throughput (:meth:`TrainState.throughput`)."""
+    so far and the Phase-2 throughput (:meth:`TrainState.throughput`). With the Phase-2 `pools`, also the same RMSE
+    on trajectories the model trains on (`rmse_pool`): far below `rmse`, the model is fitting its pool, not the
+    teacher (a larger `--pool_size` helps)."""
     if ev is None:
         return
     row = {"round": state.round, "phase": phase, "global_step": state.global_step,
@@ -513,6 +530,8 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
     with _eval_mode(tuned.model):
         for n in args.nfe:
             row.update({f"{k}_nfe{n}": v for k, v in _scores(tuned, state.tables[str(n)], args.solver, ev, args).items()})
+            if pools is not None:
+                row[f"rmse_pool_nfe{n}"] = _pool_rmse(tuned, pools[n], state.tables[str(n)], args, rows)
     state.metrics.append(row)
     accelerator.log({k: v for k, v in row.items() if k.startswith(("rmse", "fd"))}, step=state.global_step)
     logger.info("round %d %s: %s", state.round, phase, row)
@@ -627,11 +646,14 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
             save_or_stop(accelerator, args, state, guard)
         if evaluate is not None and args.eval_steps and state.global_step % args.eval_steps == 0:
             with ema_weights(ema, _trainable(accelerator.unwrap_model(model))):
-                evaluate()
+                evaluate(pools)
         if state.global_step % args.checkpointing_steps == 0:
             save_or_stop(accelerator, args, state, guard)
         if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
             return True
+    if evaluate is not None and not (args.eval_steps and state.global_step % args.eval_steps == 0):
+        with ema_weights(ema, _trainable(accelerator.unwrap_model(model))):
+            evaluate(pools)
     return False
 
 
@@ -666,7 +688,8 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
     save_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path, tables=state.tables,
                     metrics=state.metrics, solver=args.solver, use_lora=args.use_lora, tuned=args.rounds > 0,
                     hub_model_id=args.hub_model_id, step_counts=step_counts,
-                    text_to_image=None if t2i is None else t2i.provenance())
+                    text_to_image=None if t2i is None else t2i.provenance(),
+                    fixed_tables=args.phase1_init if args.phase1_iters == 0 else None)
 
 
 def _save_pipeline(model, scheduler, args) -> None:
