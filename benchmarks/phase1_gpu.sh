@@ -4,6 +4,9 @@
 #   bash benchmarks/phase1_gpu.sh vpred flow        # Phase 1 on those models (kept in .gpu_work/ or carried in .stage/models)
 #   bash benchmarks/phase1_gpu.sh t2i-sd t2i-sd3    # train and score the tiny text-to-image fixtures (benchmarks/t2i)
 #   bash benchmarks/phase1_gpu.sh t2i-learned-sd    # optimize on assets/fmnist-t2i-sd from its prompts, score beside stock
+#   bash benchmarks/phase1_gpu.sh t2i-learned-sd3   # the same on assets/fmnist-t2i-sd3 (once vendored)
+# Training stages read TRAIN_SUBSET (default .stage/train50k: train-images-idx3-ubyte.xz, train-labels-idx1-ubyte.gz);
+# .stage/train16k (16,000 images, 6 MB) fits the 64 MiB carry beside .whl, the classifier and the test split.
 #   bash benchmarks/phase1_gpu.sh bench-fixture diag-fixture   # benchmark / diagnostics of a run carried in .stage/runs
 # A model stage runs, with default settings:
 #   diffusers-fewstep optimize --model M --nfe 3 4 5 6 8 10 --output-dir RUN [--data TRAIN]
@@ -34,14 +37,15 @@ model_path() {  # the fixture is vendored; trained models live in .gpu_work/mode
   esac
 }
 
-train_data() {  # the 50k training subset as the IDX .gz files the trainers read
+TRAIN_SUBSET=${TRAIN_SUBSET:-.stage/train50k}
+train_data() {  # the carried training subset as the IDX .gz files the trainers read
   mkdir -p "$W/train"
-  [ -f "$W/train/train-images-idx3-ubyte.gz" ] || python3 - "$W/train" <<'PY'
+  [ -f "$W/train/train-images-idx3-ubyte.gz" ] || python3 - "$W/train" "$TRAIN_SUBSET" <<'PY'
 import gzip, lzma, shutil, sys
-out = sys.argv[1]
-with open(".stage/train50k/train-images-idx3-ubyte.xz", "rb") as f, gzip.open(f"{out}/train-images-idx3-ubyte.gz", "wb", 1) as g:
+out, subset = sys.argv[1:]
+with open(f"{subset}/train-images-idx3-ubyte.xz", "rb") as f, gzip.open(f"{out}/train-images-idx3-ubyte.gz", "wb", 1) as g:
     g.write(lzma.decompress(f.read()))
-shutil.copy(".stage/train50k/train-labels-idx1-ubyte.gz", out)
+shutil.copy(f"{subset}/train-labels-idx1-ubyte.gz", out)
 for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
     shutil.copy(f".stage/fashion-mnist/{name}", out)
 PY
@@ -109,20 +113,21 @@ diag() {  # diagnostics only, on a run carried in .stage/runs/<name>
   pack "$name" "diag-$name"
 }
 
-t2i_learned() {  # learn tables for the vendored SD-style fixture from its prompts, then score them beside the stock rows
-  local dir="$W/t2i" nfes=${T2I_NFES:-"3 4 6 8"}
+t2i_learned() {  # learn tables for a vendored text-to-image fixture (sd, sd3) from its prompts, score them beside stock
+  local kind=$1 dir="$W/t2i" nfes=${T2I_NFES:-"3 4 6 8"} model="assets/fmnist-t2i-$1"
   mkdir -p "$dir"
-  $CLI optimize --model assets/fmnist-t2i-sd --prompts-file examples/prompts/fmnist_t2i.txt --guidance-scale 5 \
-    --nfe $nfes --output-dir "$dir/learned-sd" --quiet ${OPT_ARGS:-} > "$W/logs/t2i-optimize-sd.log" 2>&1
-  stamp "t2i optimize sd: rc $?"; tail -8 "$W/logs/t2i-optimize-sd.log"
-  python3 benchmarks/t2i/evaluate_t2i.py --pipeline assets/fmnist-t2i-sd --scheduler-folder "$dir/learned-sd" \
+  [ -d "$model" ] || model="$dir/fmnist-t2i-$kind"  # trained earlier in this call
+  $CLI optimize --model "$model" --prompts-file examples/prompts/fmnist_t2i.txt --guidance-scale 5 \
+    --nfe $nfes --output-dir "$dir/learned-$kind" --quiet ${OPT_ARGS:-} > "$W/logs/t2i-optimize-$kind.log" 2>&1
+  stamp "t2i optimize $kind: rc $?"; tail -8 "$W/logs/t2i-optimize-$kind.log"
+  python3 benchmarks/t2i/evaluate_t2i.py --pipeline "$model" --scheduler-folder "$dir/learned-$kind" \
     --classifier .stage/fmnist-classifier --data .stage/fashion-mnist --n "${T2I_N:-2000}" --guidance 5 --nfes $nfes \
-    --out "$dir/eval-learned-sd" > "$W/logs/t2i-eval-learned-sd.log" 2>&1
-  stamp "t2i learned sd evaluated: rc $?"; cat "$dir/eval-learned-sd/results.md" 2>/dev/null | head -40
-  pack_t2i_learned
+    --out "$dir/eval-learned-$kind" > "$W/logs/t2i-eval-learned-$kind.log" 2>&1
+  stamp "t2i learned $kind evaluated: rc $?"; cat "$dir/eval-learned-$kind/results.md" 2>/dev/null | head -40
+  pack_t2i_learned "$kind"
 }
 
-pack_t2i_learned() { tar czf "$OUT/t2i-learned-sd.tar.gz" -C "$W" t2i/learned-sd t2i/eval-learned-sd logs 2>/dev/null; }
+pack_t2i_learned() { tar czf "$OUT/t2i-learned-$1.tar.gz" -C "$W" "t2i/learned-$1" "t2i/eval-learned-$1" logs 2>/dev/null; }
 
 pack() {  # this stage's runs, benchmark, diagnostics and logs, as far as they got
   tar czf "$OUT/phase1-${2:-$1}.tar.gz" -C "$W" $(cd "$W" && ls -d runs/$1 bench/$1 diag/$1.json 2>/dev/null) logs
@@ -130,7 +135,7 @@ pack() {  # this stage's runs, benchmark, diagnostics and logs, as far as they g
 
 case " $* " in
   *" train "*|*" t2i-"*) train_data ;;
-  *) [ -f .stage/train50k/train-images-idx3-ubyte.xz ] && train_data ;;  # optimize --data (fd_data scores)
+  *) [ -f "$TRAIN_SUBSET/train-images-idx3-ubyte.xz" ] && train_data ;;  # optimize --data (fd_data scores)
 esac
 for stage in "$@"; do
   case $stage in
@@ -138,7 +143,7 @@ for stage in "$@"; do
       train_model vpred --beta squaredcos_cap_v2 --pred v_prediction &
       train_model flow --pred flow --shift 3.0 &
       ;;
-    t2i-learned-sd) t2i_learned & ;;
+    t2i-learned-sd|t2i-learned-sd3) t2i_learned "${stage#t2i-learned-}" & ;;
     t2i-sd|t2i-sd3) t2i "${stage#t2i-}" & ;;
     bench-*) bench "${stage#bench-}" & ;;
     peers-fixture)  # the re-implemented optimisers beside two diffusers rows, in their own process
@@ -152,7 +157,7 @@ done
 while [ -n "$(jobs -rp)" ] && [ $(( $(date +%s) - T0 )) -lt "${DEADLINE:-560}" ]; do sleep 5; done
 if [ -n "$(jobs -rp)" ]; then
   stamp "deadline: stopping $(jobs -rp | wc -l) stage(s) and packing what they wrote"
-  for stage in "$@"; do case $stage in t2i-learned-sd) pack_t2i_learned ;; train|t2i-*) ;; bench-*|diag-*) pack "${stage#*-}" "$stage" ;; *) pack "$stage" ;; esac; done
+  for stage in "$@"; do case $stage in t2i-learned-*) pack_t2i_learned "${stage#t2i-learned-}" ;; train|t2i-*) ;; bench-*|diag-*) pack "${stage#*-}" "$stage" ;; *) pack "$stage" ;; esac; done
   kill $(jobs -rp) 2>/dev/null
 fi
 stamp "done"
