@@ -4,6 +4,7 @@
 #   bash benchmarks/phase2_gpu.sh profile                       # benchmarks/profile_phase2.py on the fixture (alone, first)
 #   bash benchmarks/phase2_gpu.sh "fixture:4:l2:2e-5" ...      # MODEL:NFES:LOSS:LR[:EXTRA] -> scripts/train_fewstep.py
 #   bash benchmarks/phase2_gpu.sh "t2i:2-4:1e-4"              # LoRA Phase 2 on the SD fixture, then evaluate_t2i.py
+#                                                              # (T2I_MODEL: another text-to-image pipeline folder)
 # MODEL is fixture, or a model folder name under .stage/models (vpred, flow). NFES: steps joined by '-' (2-4-8).
 # Every run: the DDIM-trailing table held fixed (--phase1_iters 0 --rounds 1), batch 128, pool 8192, EMA, bf16,
 # channels-last, fused AdamW, FD-FMNIST on FD_SAMPLES (5,000) samples every EVAL_STEPS (250) steps.
@@ -57,20 +58,21 @@ U.from_pretrained(p).to(torch.float16).save_pretrained(p)" "$out"
   fi
 }
 
-t2i_train() {  # t2i:NFES:LR[:EXTRA]: LoRA (the default for these pipelines) on the SD fixture's prompts, guidance 5,
-  # then every stock row and the output folder (its tables with its LoRA) through StableDiffusionPipeline
+t2i_train() {  # t2i:NFES:LR[:EXTRA]: LoRA (the default for these pipelines) on the fixture's prompts, guidance 5,
+  # then every stock row and the output folder (its tables with its LoRA) through the pipeline
   IFS=: read -r _ nfes lr extra <<< "$1"
-  local name="t2i-sd-${nfes}-$lr${extra:+-${extra//[ ,=]/_}}"
+  local model=${T2I_MODEL:-assets/fmnist-t2i-sd}
+  local name="t2i-$(basename "$model" | sed 's/^fmnist-t2i-//')-${nfes}-$lr${extra:+-${extra//[ ,=]/_}}"
   local out="$W/runs/$name"
   timeout -s TERM "$(( $(left) - ${T2I_EVAL_SECONDS:-120} ))" python3 scripts/train_fewstep.py \
-    --pretrained_model_name_or_path assets/fmnist-t2i-sd --prompts_file examples/prompts/fmnist_t2i.txt \
+    --pretrained_model_name_or_path "$model" --prompts_file examples/prompts/fmnist_t2i.txt \
     --guidance_scale 5 --nfe ${nfes//-/ } --rounds 1 --phase1_iters 0 --phase2_steps "${STEPS:-1000}" \
     --train_batch_size 128 --pool_size 8192 --pool_batch_size 1024 --use_ema --mixed_precision bf16 \
     --learning_rate "$lr" ${extra//,/ } --eval_samples 1024 --eval_steps "${EVAL_STEPS:-250}" \
     --checkpointing_steps 100000 --output_dir "$out" > "$W/logs/$name.log" 2>&1
   stamp "$name rc=$?: $(grep -o "'rmse_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -3 | tr '\n' ' ')"
   cp "$W/logs/$name.log" "$OUT/"
-  timeout "$(left)" python3 benchmarks/t2i/evaluate_t2i.py --pipeline assets/fmnist-t2i-sd --scheduler-folder "$out" \
+  timeout "$(left)" python3 benchmarks/t2i/evaluate_t2i.py --pipeline "$model" --scheduler-folder "$out" \
     --classifier .stage/fmnist-classifier --data .stage/fashion-mnist --n "${T2I_N:-2000}" --guidance 5 \
     --nfes 2 3 4 6 --out "$W/eval-$name" > "$W/logs/eval-$name.log" 2>&1
   stamp "eval $name rc=$?"; cat "$W/eval-$name/results.md" 2>/dev/null | head -40
