@@ -10,8 +10,8 @@ def test_training_curves_draw_every_run_and_count_against_steps_and_time(tmp_pat
     import matplotlib.pyplot as plt
 
     runs = {"lr 2e-5": [{"global_step": 0, "elapsed_s": 20.0, "fd_nfe2": 7.3, "rmse_nfe2": 0.40},
-                        {"global_step": 500, "elapsed_s": 245.0, "fd_nfe2": 6.2, "rmse_nfe2": 0.28},
-                        {"global_step": 1000, "elapsed_s": 329.0, "fd_nfe2": 4.0, "rmse_nfe2": 0.24}],
+                        {"global_step": 500, "elapsed_s": 245.0, "fd_nfe2": 6.2, "rmse_nfe2": 0.28, "rmse_pool_nfe2": 0.27},
+                        {"global_step": 1000, "elapsed_s": 329.0, "fd_nfe2": 4.0, "rmse_nfe2": 0.24, "rmse_pool_nfe2": 0.2}],
             "lr 5e-5": [{"global_step": 0, "elapsed_s": 21.0, "rmse_nfe2": 0.40, "rmse_nfe4": 0.25},
                         {"global_step": 200, "elapsed_s": 234.0, "rmse_nfe2": 0.30, "rmse_nfe4": 0.20}]}
     saved = {}
@@ -23,11 +23,14 @@ def test_training_curves_draw_every_run_and_count_against_steps_and_time(tmp_pat
     fd_steps, fd_time, rmse_steps, rmse_time = axes
     assert fd_steps.get_yscale() == "log" and rmse_steps.get_yscale() == "linear"
     assert [line.get_label() for line in fd_steps.lines] == ["2 steps · lr 2e-5"]  # the other run measured no FD
-    assert [line.get_label() for line in rmse_steps.lines] == ["2 steps · lr 2e-5", "2 steps · lr 5e-5",
-                                                               "4 steps · lr 5e-5"]
+    assert [line.get_label() for line in rmse_steps.lines] == [
+        "2 steps · lr 2e-5", "2 steps · lr 2e-5 (trained-on pool)", "2 steps · lr 5e-5", "4 steps · lr 5e-5"]
+    pool = rmse_steps.lines[1]  # dashed, in its run's colour, only where measured
+    assert pool.get_linestyle() == "--" and pool.get_color() == rmse_steps.lines[0].get_color()
+    assert list(pool.get_xdata()) == [500, 1000] and list(pool.get_ydata()) == [0.27, 0.2]
     assert list(fd_steps.lines[0].get_xdata()) == [0, 500, 1000]
     assert list(fd_time.lines[0].get_xdata()) == [20.0, 245.0, 329.0]
-    assert list(rmse_time.lines[2].get_ydata()) == [0.25, 0.20]
+    assert list(rmse_time.lines[3].get_ydata()) == [0.25, 0.20]
 
 
 def test_the_log_script_reads_the_evaluation_rows(tmp_path):

@@ -72,7 +72,8 @@ def plot_schedule_comparison(learned: Mapping[int, Sequence[float]], schedule, p
 def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: Optional[str] = None) -> str:
     """Learning curves of training runs: FD (log scale, when measured) and endpoint RMSE at every tuned step count,
     against optimiser steps and against wall time. `runs` maps a label to its metrics rows (`metrics.json`'s
-    `metrics`: `global_step`, `elapsed_s`, `fd_nfe<N>`, `rmse_nfe<N>`); an empty label names only the step count."""
+    `metrics`: `global_step`, `elapsed_s`, `fd_nfe<N>`, `rmse_nfe<N>`, and Phase 2's `rmse_pool_nfe<N>`, drawn dashed:
+    the RMSE on the trajectories trained on); an empty label names only the step count."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -87,8 +88,13 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title
             for key in keys:
                 points = [r for r in rows if key in r]
                 name = f"{key[len(measure) + 4:]} steps" + (f" · {label}" if label else "")
+                pool = f"rmse_pool_{key[len(measure) + 1:]}"
+                pooled = [r for r in points if pool in r] if measure == "rmse" else []
                 for ax, x in zip(row, ("global_step", "elapsed_s")):
-                    ax.plot([p[x] for p in points], [p[key] for p in points], marker="o", markersize=3, label=name)
+                    line, = ax.plot([p[x] for p in points], [p[key] for p in points], marker="o", markersize=3, label=name)
+                    if pooled:  # the same RMSE on the trajectories trained on, dashed in the same colour
+                        ax.plot([p[x] for p in pooled], [p[pool] for p in pooled], linestyle="--", marker=".",
+                                color=line.get_color(), label=f"{name} (trained-on pool)")
         for ax, x in zip(row, ("optimiser steps", "wall time (s)")):
             ax.set_xlabel(x)
             ax.set_ylabel(measure.upper())
