@@ -8,7 +8,7 @@ from torch import nn
 
 from diffusers_fewstep import solvers
 from diffusers_fewstep.adapter import NoiseSchedule, SigmaDenoiser
-from diffusers_fewstep.finetune import (add_lora, denoising_loss, make_teacher, phase2_loss,
+from diffusers_fewstep.finetune import (add_lora, denoising_loss, endpoint_loss_through_solve, make_teacher, phase2_loss,
                                         step_loss_weights, step_target, teacher_states)
 from diffusers_fewstep.schedules import time_uniform_sigmas
 
@@ -165,7 +165,8 @@ def test_batched_trajectory_loss_is_the_sequential_one(solver):
     assert float((bat_grad - seq_grad).norm() / seq_grad.norm()) < 1e-4
 
 
-@pytest.mark.parametrize("target,loss", [("interval_average", "l2"), ("trajectory", "l2"), ("trajectory", "pseudo_huber")])
+@pytest.mark.parametrize("target,loss", [("interval_average", "l2"), ("trajectory", "l2"), ("trajectory", "pseudo_huber"),
+                                         ("endpoint", "l2")])
 def test_phase2_learns_its_target_and_cuts_the_few_step_error(target, loss):
     """25 Adam steps of either target (and either distance) cut its held-out loss and the 4-step endpoint error
     against the teacher's reference."""
@@ -189,7 +190,7 @@ def test_phase2_learns_its_target_and_cuts_the_few_step_error(target, loss):
         opt.zero_grad()
         value.backward()
         opt.step()
-    assert set(logs) >= {"step_0", "step_3", "target_loss"}
+    assert set(logs) >= {"step_0", "target_loss"} and ("step_3" in logs) == (target != "endpoint")
     assert held_loss() < 0.7 * loss_before
     error_after = _endpoint_error(student, held_noise, table, held[-1])
     assert error_after < 0.8 * error_before, (error_before, error_after)
@@ -230,3 +231,27 @@ def test_lora_target_sets_by_name_and_layer_type():
     wrapped = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert wrapped and not any(n.endswith(("conv1", "conv2")) for n in wrapped)
     assert any(n.endswith("time_emb_proj") for n in wrapped)
+
+
+def test_endpoint_target_scores_only_where_the_solve_ends_and_reaches_every_step():
+    """Target "endpoint": the distance between the student's own few-step solve and the teacher's endpoint, whatever
+    the teacher's intermediate states; its gradient reaches the first step's model call through the later ones."""
+    student = SigmaDenoiser(tiny_unet(), CONFIG)
+    table = four_step_table(student.schedule)
+    states = teacher_states(SigmaDenoiser(tiny_unet(1), CONFIG), torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(5)),
+                            table, 10)
+    with torch.no_grad():
+        own = solvers.sample(student, states[0], table, "euler")
+    own_end = states.clone()
+    own_end[-1] = own
+    own_end[1:-1] = torch.randn_like(own_end[1:-1]) * 10  # intermediate states nowhere near the student's path
+    assert float(phase2_loss(student, own_end, table, "endpoint")[0]) < 1e-10
+    assert float(phase2_loss(student, own_end, table, "trajectory")[0]) > 1.0
+    expected = float((own - states[-1]).pow(2).mean())
+    outputs = []
+    hook = student.model.register_forward_hook(lambda m, i, o: outputs.append(o.sample) or o.sample.retain_grad())
+    total, per_step = endpoint_loss_through_solve(student, states, table)
+    hook.remove()
+    assert float(total) == pytest.approx(expected, rel=1e-5) and per_step.shape == (1,)
+    total.backward()
+    assert len(outputs) == 4 and all(float(o.grad.abs().sum()) > 0 for o in outputs)

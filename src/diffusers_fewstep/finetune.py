@@ -7,7 +7,7 @@ exactly (y(u_{i+1}) − y(u_i)) / (u_{i+1} − u_i): it follows from the teacher
 states at the scheduled σ's, which :func:`teacher_states` computes with a fine reference solve
 (a quadrature with `num_steps` teacher calls; the Monte Carlo is over the initial noises).
 
-Two targets, both at the scheduled σ_i only:
+Three targets, all at the scheduled σ_i only:
 
 - ``"interval_average"`` (the paper's): the model sees the teacher's own trajectory states
   x(σ_i) and learns the interval average there, optionally mixed with the ordinary denoising
@@ -15,6 +15,9 @@ Two targets, both at the scheduled σ_i only:
 - ``"trajectory"``: the model sees the states its own few-step solver visits, x̂_i, and learns
   the D that makes each step from x̂_i land on the teacher's x(σ_{i+1}) — the solver's states
   and their error propagation matter (DESIGN.md §3, lesson 3).
+- ``"endpoint"``: the student's whole few-step solve, back-propagated through every step, should end on the
+  teacher's endpoint; the intermediate states are free (each step learns what helps the image, not where the
+  teacher's trajectory passes), at the memory of N calls with gradients (:func:`endpoint_loss_through_solve`).
 
 Both targets come from one function, :func:`step_target`: every solver step is affine in the
 fresh D, so the D that lands the step on a given point is found from two evaluations of the
@@ -39,7 +42,7 @@ from .adapter import _bcast
 from .objectives import endpoint_loss
 from .reference import trajectory
 
-PHASE2_TARGETS = ("interval_average", "trajectory")
+PHASE2_TARGETS = ("interval_average", "trajectory", "endpoint")
 PHASE2_LOSSES = ("l2", "pseudo_huber")
 # layers of diffusers UNets that get LoRA adapters: attention projections, resnet convolutions,
 # time-embedding projections (peft matches these as suffixes of module names)
@@ -171,6 +174,16 @@ def trajectory_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tenso
     return (_per_step_weights(step_weights, n, per_step) * per_step).sum() / n, per_step.detach()
 
 
+def endpoint_loss_through_solve(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str = "euler",
+                                cond: Optional[dict] = None, uncond: Optional[dict] = None,
+                                loss: str = "l2") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Target (c): the student's few-step solve from the teacher's x(σ_0), with gradients through every step, should
+    end on the teacher's x(σ_N); where it passes in between is free. Returns (loss, the loss as a 1-entry tensor)."""
+    x = solvers.sample(student, states[0], sigmas, solver, extra_args=_kwargs(cond, uncond))
+    total = _distance(x, states[-1], loss).mean()
+    return total, total.detach().reshape(1)
+
+
 def _student_solve(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, solver: str, kwargs: dict,
                    last: bool = True):
     """The student's own few-step solve from the teacher's x(σ_0): yields, per step i, (x̂_i, the D that lands the
@@ -216,15 +229,15 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
         student: the model being tuned, as a σ-space denoiser `D(x, sigma, cond=...)`.
         states (`torch.Tensor`): `(N + 1, B, …)` teacher states at the scheduled σ's (:func:`teacher_states`).
         sigmas (`torch.Tensor`): the table `[σ_0, …, σ_N]`.
-        target (`str`, *optional*, defaults to `"trajectory"`): `"interval_average"` or `"trajectory"`.
-        solver (`str`, *optional*, defaults to `"euler"`): the few-step solver (target `"trajectory"`).
+        target (`str`, *optional*, defaults to `"trajectory"`): `"interval_average"`, `"trajectory"` or `"endpoint"`.
+        solver (`str`, *optional*, defaults to `"euler"`): the few-step solver (targets `"trajectory"`, `"endpoint"`).
         x0 (`torch.Tensor`, *optional*): clean samples for the denoising loss (data, or the teacher's
             samples `states[-1]`); needed when `denoising_weights` is given.
         denoising_weights (`float` or `list[float]`, *optional*): λ_i of the denoising loss, one
             value or one per step; `None` or 0 turns it off.
         step_weights (`list[float]`, *optional*): weights of the N per-step target losses; default
             from `step_weighting` (squared propagation factors; their square roots under `pseudo_huber`, whose
-            distance grows like the RMS error, not its square).
+            distance grows like the RMS error, not its square). Target `"endpoint"` has one term and no weights.
         step_weighting (`str`, *optional*, defaults to `"propagated"`): see :func:`step_loss_weights`.
         generator (`torch.Generator`, *optional*): noise for the denoising loss.
         cond (`dict`, *optional*): conditioning kwargs for the model.
@@ -236,7 +249,8 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
             gradients first, then all N steps through the student in one batch (:func:`trajectory_loss`).
 
     Returns:
-        (loss, logs) with per-step losses `step_i` and the denoising term as detached 0-dim tensors: reading one
+        (loss, logs) with per-step losses `step_i` (target `"endpoint"`: `step_0`, the endpoint loss) and the
+        denoising term as detached 0-dim tensors: reading one
         (`float`) waits for the device, so read them after the backward pass.
     """
     if step_weights is None:
@@ -246,6 +260,8 @@ def phase2_loss(student: Callable, states: torch.Tensor, sigmas: torch.Tensor, t
     elif target == "trajectory":
         total, per_step = trajectory_loss(student, states, sigmas, solver, cond, step_weights, uncond, loss,
                                           batch_steps)
+    elif target == "endpoint":
+        total, per_step = endpoint_loss_through_solve(student, states, sigmas, solver, cond, uncond, loss)
     else:
         raise ValueError(f"unknown Phase-2 target {target!r}; choose one of {list(PHASE2_TARGETS)}")
     logs = {f"step_{i}": v for i, v in enumerate(per_step)}
