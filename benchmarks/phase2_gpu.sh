@@ -7,7 +7,8 @@
 #                                                              # (T2I_MODEL: another text-to-image pipeline folder)
 # MODEL is fixture, or a model folder name under .stage/models (vpred, flow). NFES: steps joined by '-' (2-4-8).
 # Every run: the DDIM-trailing table held fixed (--phase1_iters 0 --rounds 1), batch 128, pool 8192, EMA, bf16,
-# channels-last, fused AdamW, FD-FMNIST on FD_SAMPLES (5,000) samples every EVAL_STEPS (250) steps.
+# channels-last, fused AdamW, FD-FMNIST on FD_SAMPLES (5,000) samples every EVAL_STEPS (250) steps; runs of one call
+# that need the same teacher pool (model, table, pool settings) build it once (--pool_cache_dir .gpu_work/pools).
 # NPROC (default 1) processes, one GPU each, under `accelerate launch` (throughput of several GPUs: the logs' samples_per_s;
 # the deadline's SIGTERM reaches the launcher only, so give such runs STEPS that end in time);
 # STEPS (default 1000) optimiser steps; DEADLINE (seconds from the start) stops runs with SIGTERM (they checkpoint).
@@ -44,7 +45,7 @@ train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
     --phase2_loss "$loss" --learning_rate "$lr" ${extra//,/ } \
     --fd_classifier .stage/fmnist-classifier --fd_data .stage/fashion-mnist --fd_samples "${FD_SAMPLES:-5000}" \
     --eval_samples 1024 --eval_steps "${EVAL_STEPS:-250}" --compare_nfe --no-compare_reference \
-    --checkpointing_steps 100000 --output_dir "$out" > "$W/logs/$name.log" 2>&1
+    --checkpointing_steps 100000 --pool_cache_dir "$W/pools" --output_dir "$out" > "$W/logs/$name.log" 2>&1
   local rc=$?
   stamp "$name rc=$rc: $(grep -o "'samples_per_s': [0-9.]*" "$W/logs/$name.log" | tail -1)" \
     "$(grep -o "'fd_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -${#nfes} | tr '\n' ' ')"

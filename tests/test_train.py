@@ -563,3 +563,33 @@ def test_pool_rmse_is_the_endpoint_rmse_of_the_pools_own_noises(tiny_pipeline):
     expected = endpoint_rmse(generate(teacher, noise, table), pool["states"][-1, :12].clamp(-1, 1))
     measured = _pool_rmse(teacher, pool, table, args)
     assert expected > 1e-3 and abs(measured - expected) < 1e-4
+
+
+def test_pool_cache_builds_a_pool_once_and_tells_pools_apart(tiny_pipeline, tmp_path, monkeypatch):
+    """--pool_cache_dir: a second request with the same table, size and seeds loads the first pool (bitwise, no
+    teacher call); another table, size or seed, or another --reference_steps, is solved afresh."""
+    from types import SimpleNamespace
+
+    from diffusers_fewstep import train
+    from diffusers_fewstep.adapter import SigmaDenoiser
+    from diffusers_fewstep.schedules import baseline_sigmas
+
+    teacher = SigmaDenoiser.from_pretrained(tiny_pipeline).eval()
+    calls = []
+    original = train.teacher_states
+    monkeypatch.setattr(train, "teacher_states", lambda *a, **k: calls.append(1) or original(*a, **k))
+    args = SimpleNamespace(pretrained_model_name_or_path=tiny_pipeline, sample_shape=(1, 8, 8), pool_batch_size=8,
+                           reference_steps=10, pool_cache_dir=str(tmp_path / "pools"))
+    two, three = (baseline_sigmas("ddim_trailing", n, teacher.schedule).float() for n in (2, 3))
+    first = train.cached_pool(teacher, two, 16, args, (0, 0, 2, 0), "cpu")
+    assert len(calls) == 2 and len(os.listdir(args.pool_cache_dir)) == 1
+    again = train.cached_pool(teacher, two, 16, args, (0, 0, 2, 0), "cpu")
+    assert len(calls) == 2 and torch.equal(again["states"], first["states"])
+    for table, size, keys in ((three, 16, (0, 0, 2, 0)), (two, 8, (0, 0, 2, 0)), (two, 16, (1, 0, 2, 0))):
+        other = train.cached_pool(teacher, table, size, args, keys, "cpu")
+        assert not (other["states"].shape == first["states"].shape and torch.equal(other["states"], first["states"]))
+    args.reference_steps = 20
+    train.cached_pool(teacher, two, 16, args, (0, 0, 2, 0), "cpu")
+    assert len(calls) == 2 + 2 + 1 + 2 + 2 and len(os.listdir(args.pool_cache_dir)) == 5
+    args.pool_cache_dir, args.reference_steps = None, 10  # off: always solved (the same pool again)
+    assert torch.equal(train.cached_pool(teacher, two, 16, args, (0, 0, 2, 0), "cpu")["states"], first["states"])

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pool_size", type=int, default=4096, help="Teacher trajectories drawn per NFE and round (split over processes).")
     parser.add_argument("--pool_batch_size", type=int, default=512, help="Batch size of the teacher solves that build the pool.")
     parser.add_argument("--reference_steps", type=int, default=200, help="Steps of the teacher's reference solve (DPM-Solver++(2M)).")
+    parser.add_argument("--pool_cache_dir", type=str, default=None, help="Keep every built teacher pool here and reuse it when a later run (same model, table, seeds and pool settings) needs the same one: runs that differ only in training settings build it once.")
     parser.add_argument("--denoising_weight", type=float, nargs="+", default=[0.0], help="λ_i of the denoising loss mixed into Phase 2: one value or one per step.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="Clean images for the denoising loss: Fashion-MNIST IDX files or an image folder (default: the teacher's samples); text-to-image: a captioned imagefolder (metadata.jsonl), whose captions are the prompts.")
     parser.add_argument("--conditioning_file", type=str, default=None, help="Class labels (one integer per line) for class-conditional models.")
@@ -242,6 +244,35 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
                                cond=None if rows is None else rows.cond, uncond=None if rows is None else rows.uncond,
                                reference_denoiser=teacher)
     return {str(n): [float(s) for s in result.tables[n]] for n in args.nfe}
+
+
+# what decides a pool besides its table, size and seed keys: the teacher, its solve, its draws and its conditioning
+POOL_ARGS = ("pretrained_model_name_or_path", "revision", "variant", "reference_steps", "pool_batch_size", "mixed_precision",
+             "sample_shape", "conditioning_file", "prompts_file", "prompt_column", "train_data_dir", "caption_column",
+             "negative_prompt", "guidance_scale", "resolution")
+
+
+def cached_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, keys: Sequence[int], device,
+                rows: Optional[Conditioning] = None) -> dict:
+    """:func:`build_pool` with the generator seeded by `keys`, through `--pool_cache_dir` when given: a pool built
+    before with the same table, size, keys and :data:`POOL_ARGS` (and the model folder unchanged since) is loaded
+    instead of solved again."""
+    if not args.pool_cache_dir:
+        return build_pool(teacher, sigmas, size, args, _generator(*keys), device, rows)
+    model = args.pretrained_model_name_or_path
+    what = {k: str(getattr(args, k, None)) for k in POOL_ARGS}
+    what.update(table=[round(float(s), 9) for s in sigmas], size=size, keys=list(keys),
+                model_mtime=os.path.getmtime(model) if os.path.isdir(model) else None)
+    name = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(args.pool_cache_dir, f"pool-{name}.pt")
+    if os.path.exists(path):
+        logger.info("teacher pool from %s", path)
+        return {k: v.to(device) if k == "states" else v for k, v in torch.load(path).items()}
+    pool = build_pool(teacher, sigmas, size, args, _generator(*keys), device, rows)
+    os.makedirs(args.pool_cache_dir, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in pool.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # whole or absent, should the run be killed while saving
+    return pool
 
 
 @torch.no_grad()
@@ -597,7 +628,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
     share = math.ceil(args.pool_size / accelerator.num_processes)
     start = time.perf_counter()
     with accelerator.autocast():
-        pools = {n: build_pool(teacher, tables[n], share, args, _generator(args.seed, state.round, n, rank), device, rows)
+        pools = {n: cached_pool(teacher, tables[n], share, args, (args.seed, state.round, n, rank), device, rows)
                  for n in args.nfe}
     state.timing["pool_s"] += _synced(device, start)
     weights = args.denoising_weight if len(args.denoising_weight) > 1 else args.denoising_weight[0]
