@@ -4,7 +4,9 @@
 #   bash tools/gpu_stage.sh            # WITH_TRAIN=1 also stages 50k training images and the fixture builder
 # -> .whl/ (wheels), .stage/fmnist-classifier (FD feature network), .stage/fashion-mnist (test set);
 #    WITH_TRAIN=1: .stage/train50k (the first 50,000 training images, xz: the whole set does not fit beside the
-#    rest) and .stage/tools/train_reference_dpm.py (../shared/tools, which does not travel).
+#    rest; TRAIN_IMAGES=16000 stages .stage/train16k, which fits beside a larger working tree: pass
+#    TRAIN_SUBSET=.stage/train16k to benchmarks/phase1_gpu.sh) and .stage/tools/train_reference_dpm.py
+#    (../shared/tools, which does not travel).
 # The fixture DPM is not staged: it is vendored in assets/fmnist-ddpm-eps.
 # Start the GPU command with the install line printed at the end.
 set -euo pipefail
@@ -28,17 +30,9 @@ if [ -d "$data" ]; then
   rm -rf .stage/fashion-mnist && mkdir -p .stage/fashion-mnist
   cp "$data"/t10k-* .stage/fashion-mnist/
   if [ "${WITH_TRAIN:-0}" = 1 ]; then
-    mkdir -p .stage/train50k .stage/tools && cp "$shared/tools/train_reference_dpm.py" .stage/tools/
-    python3 - <<'PY'
-import gzip, lzma
-n = 50000
-images = gzip.open("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").read()
-labels = gzip.open("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz").read()
-with open(".stage/train50k/train-images-idx3-ubyte.xz", "wb") as f:
-    f.write(lzma.compress(images[:4] + n.to_bytes(4, "big") + images[8:16 + n * 784]))
-with open(".stage/train50k/train-labels-idx1-ubyte.gz", "wb") as f:
-    f.write(gzip.compress(labels[:4] + n.to_bytes(4, "big") + labels[8:8 + n]))
-PY
+    mkdir -p .stage/tools && cp "$shared/tools/train_reference_dpm.py" .stage/tools/
+    n=${TRAIN_IMAGES:-50000}
+    python3 benchmarks/stage_train_subset.py "$n" ".stage/train$((n / 1000))k" --source "$data"
   fi
 else
   echo "note: apt-get install dataset-fashion-mnist for the FD test set" >&2
