@@ -180,3 +180,29 @@ def test_sd3_tiny_cli_trains_loads_and_evaluates(tmp_path):
     check_results(result, {"flow_euler", "dpmpp_2m_flow", "unipc_flow", "learned:l3"}, {2, 3, 4, 6, 8})
     assert result["kind"] == "sd3" and result["reference"]["steps"] == 50
     assert len(result["rows"]["unipc_flow"]["results"]) == 5
+
+
+def test_staged_training_subset_is_the_first_n_images_and_labels(tmp_path):
+    """benchmarks/stage_train_subset.py (what tools/gpu_stage.sh stages for the GPU): IDX files cut to the first N
+    items, the count in their headers, images xz-compressed and labels gzip-compressed; asking for more fails."""
+    import gzip
+    import lzma
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from stage_train_subset import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    images = bytes(range(256)) * 31  # 7,936 bytes: ten 28×28 images and a spare tail
+    with gzip.open(src / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + images[: 10 * 784])
+    with gzip.open(src / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(range(10)))
+    main(["3", str(tmp_path / "out"), "--source", str(src)])
+    got = lzma.open(tmp_path / "out" / "train-images-idx3-ubyte.xz").read()
+    assert int.from_bytes(got[4:8], "big") == 3 and got[8:16] == (28).to_bytes(4, "big") * 2
+    assert got[16:] == images[: 3 * 784]
+    labels = gzip.open(tmp_path / "out" / "train-labels-idx1-ubyte.gz").read()
+    assert int.from_bytes(labels[4:8], "big") == 3 and labels[8:] == bytes([0, 1, 2])
+    with pytest.raises(SystemExit, match="holds 10 items"):
+        main(["11", str(tmp_path / "more"), "--source", str(src)])
