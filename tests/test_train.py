@@ -284,7 +284,9 @@ def test_bad_settings_fail_before_anything_loads(tmp_path, capsys):
     for bad, says in [(["--learning_rate", "0"], "--learning_rate must be > 0; got 0.0"),
                       (["--nfe", "4", "0"], "--nfe and --compare_nfe take step counts ≥ 1"),
                       (["--divergence_factor", "0.5"], "--divergence_factor must be > 1"),
-                      (["--nfe", "2", "3", "--denoising_weight", "1", "1"], "takes 1 value or one per step")]:
+                      (["--nfe", "2", "3", "--denoising_weight", "1", "1"], "takes 1 value or one per step"),
+                      (["--phase2_target", "endpoint", "--phase2_batch_steps"],
+                       "--phase2_batch_steps batches the steps of --phase2_target trajectory; got --phase2_target endpoint")]:
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert says in capsys.readouterr().err

@@ -138,6 +138,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--denoising_weight takes 1 value or one per step ({args.nfe}); got {args.denoising_weight}")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0; got {args.learning_rate}")
+    if args.phase2_batch_steps and args.phase2_target != "trajectory":
+        raise ValueError(f"--phase2_batch_steps batches the steps of --phase2_target trajectory; got --phase2_target "
+                         f"{args.phase2_target} ({'already one batch' if args.phase2_target == 'interval_average' else 'every step is back-propagated through the next'})")
     if args.divergence_factor != 0 and not args.divergence_factor > 1:
         raise ValueError("--divergence_factor must be > 1 (or 0: stop only at non-finite losses); "
                          f"got {args.divergence_factor}")
