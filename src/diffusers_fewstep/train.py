@@ -506,21 +506,18 @@ def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dic
     return scores
 
 
-@torch.no_grad()
 def _pool_rmse(denoiser: SigmaDenoiser, pool: dict, sigmas, args, rows: Optional[Conditioning] = None) -> float:
-    """Endpoint RMSE of the few-step solve from the first `--eval_samples` pool trajectories' x(σ_0) against their
-    teacher endpoints (both in σ-space: the tables end where the teacher's states do)."""
-    from .evaluation import endpoint_rmse
-    from .reference import autocast_context
-    from .solvers import sample
+    """Endpoint RMSE of the few-step samples (`evaluation.generate`) from the native noises behind the first
+    `--eval_samples` pool trajectories against their teacher endpoints (the tables end where the teacher's states do)."""
+    from .evaluation import endpoint_rmse, generate
 
     states = pool["states"][:, : args.eval_samples]
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=states.device)
+    noise = states[0] * denoiser.schedule.native_scale(sigmas[:1].double()).to(states)  # x(σ_0) = ε / a(σ_0)
     extra = None if rows is None else rows.rows(pool["rows"][: args.eval_samples])
-    with autocast_context(states.device):
-        samples = sample(denoiser, states[0], sigmas, args.solver, extra_args=extra).float()
-    clamp = (lambda x: x.clamp(-1, 1)) if args.clamp_samples else (lambda x: x)
-    return round(endpoint_rmse(clamp(samples), clamp(states[-1].float())), 5)
+    samples = generate(denoiser, noise, sigmas, args.solver, len(noise), extra_args=extra, clamp=args.clamp_samples)
+    reference = states[-1].float()
+    return round(endpoint_rmse(samples, reference.clamp(-1, 1) if args.clamp_samples else reference), 5)
 
 
 @contextlib.contextmanager
