@@ -19,10 +19,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 W=.gpu_work
 mkdir -p "$W/logs" "$W/models" "$W/runs" "$W/bench" "$W/diag" "${OUT:=$W/out}"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+source tools/gpu_site.sh
+export PYTHONUNBUFFERED=1
 CLI="python3 -m diffusers_fewstep.cli"
 NFES=${NFES:-"3 4 5 6 8 10"}
 VP_ROWS="ddim_leading ddim_trailing euler_karras dpmpp2m_karras dpmpp2m_lu unipc_bh2 unipc_bh2_karras"
@@ -134,7 +132,7 @@ pack() {  # this stage's runs, benchmark, diagnostics and logs, as far as they g
 }
 
 case " $* " in
-  *" train "*|*" t2i-"*) train_data ;;
+  *" train "*|*" t2i-sd "*|*" t2i-sd3 "*) train_data ;;
   *) [ -f "$TRAIN_SUBSET/train-images-idx3-ubyte.xz" ] && train_data ;;  # optimize --data (fd_data scores)
 esac
 for stage in "$@"; do

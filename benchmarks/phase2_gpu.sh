@@ -17,10 +17,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 W=.gpu_work
 mkdir -p "$W/logs" "$W/runs" "${OUT:=$W/out}"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+source tools/gpu_site.sh
+export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - T0) )); }

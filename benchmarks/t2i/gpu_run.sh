@@ -9,13 +9,7 @@
 set -euo pipefail
 kind=${1:?usage: gpu_run.sh sd|sd3}
 cd "$(dirname "$0")/../.."
-if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
-  rm -rf /tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-fi
+if [ -d .whl ]; then source tools/gpu_site.sh; else export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}; fi
 out=${OUT:-outputs}/t2i
 mkdir -p "$out"
 data=.stage/fashion-mnist
