@@ -42,3 +42,26 @@ def test_portable_model_ref_follows_symlinks_to_the_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "link")
     assert portable_model_ref(str(tmp_path / "real" / "m")) == "m"
     assert portable_model_ref(str(tmp_path / "link" / "m")) == "m"
+
+
+def test_snippet_of_a_pipeline_saved_without_t5_loads_it(tmp_path):
+    """SD3 saved with `text_encoder_3=None`: plain `from_pretrained` fails in diffusers 0.42; the call the cards print
+    passes the absent required components as None (optional ones such as `image_encoder` are left out) and loads."""
+    import diffusers
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    from diffusers_fewstep.hub import from_pretrained_call
+    from tiny_models import tiny_sd, tiny_sd3
+
+    StableDiffusion3Pipeline(**tiny_sd3()).save_pretrained(tmp_path / "sd3")
+    folder = str(tmp_path / "sd3")
+    with pytest.raises(ValueError, match="expected"):
+        StableDiffusion3Pipeline.from_pretrained(folder)
+    call = from_pretrained_call("StableDiffusion3Pipeline", folder)
+    assert call == f'StableDiffusion3Pipeline.from_pretrained("{folder}", text_encoder_3=None, tokenizer_3=None)'
+    pipe = eval(call, {"StableDiffusion3Pipeline": diffusers.StableDiffusion3Pipeline})
+    assert pipe.text_encoder_3 is None and pipe.transformer is not None
+
+    StableDiffusionPipeline(**tiny_sd()).save_pretrained(tmp_path / "sd")
+    assert from_pretrained_call("DiffusionPipeline", str(tmp_path / "sd")) == \
+        f'DiffusionPipeline.from_pretrained("{tmp_path / "sd"}")'  # safety checker: optional, nothing to pass

@@ -52,6 +52,7 @@ def check_results(result, rows, nfes):
             assert int(nfe) in nfes
             assert 0 <= scores["accuracy"] <= 1 and math.isfinite(scores["fd"]) and scores["fd"] >= -1e-6
             assert 0 <= scores["rmse"] < 2
+            assert 0 < scores["fd_std"] < max(1.0, scores["fd"])  # bootstrap noise: present, below the FD's scale
 
 
 def test_captions_and_tokenizer(tmp_path):
@@ -109,7 +110,9 @@ def test_sd_tiny_trains_loads_and_evaluates(tmp_path):
     assert result["kind"] == "sd" and result["n"] == 20 and result["reference"]["steps"] == 5
     assert result["rows"]["learned:learned-sd"]["missing_nfes"] == [4]
     assert {"results.md", "grid.png"} <= set(os.listdir(out))
-    assert "| DDIM trailing |" in open(out / "results.md").read()
+    table = open(out / "results.md").read()
+    assert "| DDIM trailing |" in table
+    assert f"{result['rows']['ddim_trailing']['results']['2']['fd']:.2f} ± " in table
 
     # a train_fewstep.py output folder (tables + LoRA): its row samples with the LoRA, the others without it
     tuned = fake_learned_folder(folder, tmp_path / "tuned-sd")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 # a folder of the Hub's download cache: .../models--<owner>--<name>/snapshots/<revision>[/subfolder]
 HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+(?:/|$)")
@@ -97,17 +97,34 @@ def push_folder(folder: str, repo_id: Optional[str] = None, private: bool = Fals
     return repo_id
 
 
-def load_pipeline(path_or_id: str, **kwargs):
-    """`DiffusionPipeline.from_pretrained(path_or_id, **kwargs)`, with every component its `model_index.json` saved
-    as None passed as None: diffusers requires that for components that are not optional (`text_encoder_3` and
-    `tokenizer_3` of an SD3 pipeline saved without T5)."""
+def absent_components(path_or_id: str, **kwargs) -> List[str]:
+    """Components a pipeline's `model_index.json` saved as None that its class does not list as optional (which
+    `from_pretrained` then wants passed as None); [] where there is no such pipeline."""
+    import diffusers
     from diffusers import DiffusionPipeline
 
     try:
         index = DiffusionPipeline.load_config(path_or_id, **{k: v for k, v in kwargs.items()
                                                              if k in ("local_files_only", "token", "revision")})
     except (OSError, ValueError):  # no such folder or repo: from_pretrained says so in its own words
-        index = {}
-    absent = {k: None for k, v in index.items() if isinstance(v, (list, tuple)) and list(v) == [None, None]}
+        return []
+    optional = getattr(getattr(diffusers, index.get("_class_name", ""), None), "_optional_components", [])
+    return [k for k, v in index.items() if isinstance(v, (list, tuple)) and list(v) == [None, None]
+            and k not in optional]
+
+
+def from_pretrained_call(cls: str, path_or_id: str) -> str:
+    """`cls.from_pretrained("path_or_id"…)` as a user writes it, with the components saved as None passed as None."""
+    absent = "".join(f", {name}=None" for name in absent_components(path_or_id, local_files_only=True))
+    return f'{cls}.from_pretrained("{path_or_id}"{absent})'
+
+
+def load_pipeline(path_or_id: str, **kwargs):
+    """`DiffusionPipeline.from_pretrained(path_or_id, **kwargs)`, with every component its `model_index.json` saved
+    as None passed as None: diffusers requires that for components that are not optional (`text_encoder_3` and
+    `tokenizer_3` of an SD3 pipeline saved without T5)."""
+    from diffusers import DiffusionPipeline
+
+    absent = dict.fromkeys(absent_components(path_or_id, **kwargs))
     return DiffusionPipeline.from_pretrained(path_or_id, **{**absent, **kwargs})
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Sequence
 
+from .hub import from_pretrained_call
+
 SIGMA_PLOT = "sigmas.png"
 CURVES_PLOT = "curves.png"  # FD / RMSE against steps and wall time, when a run measured more than once
 
@@ -100,7 +102,7 @@ def text_to_image_use(base_model: str, repo_id: str, use_lora: bool, tuned: bool
     """The "Use" snippet of a text-to-image output folder (`info`: `TrainingPipeline.provenance()`): the base
     pipeline, the LoRA (or the tuned model), the learned scheduler, and the guidance scale it was trained with."""
     cls, component = info["pipeline"], info.get("component", "unet")
-    lines = [f'pipe = {cls}.from_pretrained("{base_model}")']
+    lines = [f"pipe = {from_pretrained_call(cls, base_model)}"]
     if tuned and use_lora:
         lines.append(f'pipe.load_lora_weights("{repo_id}")  # pytorch_lora_weights.safetensors')
     elif tuned:
@@ -253,7 +255,7 @@ import diffusers_fewstep  # registers LearnedScheduleScheduler
 from diffusers import DiffusionPipeline
 from diffusers_fewstep import LearnedScheduleScheduler
 
-pipe = DiffusionPipeline.from_pretrained("{base_model}")
+pipe = {from_pretrained_call("DiffusionPipeline", base_model)}
 pipe.scheduler = LearnedScheduleScheduler.from_pretrained("{repo_id}", subfolder="scheduler")
 images = pipe({prompt}num_inference_steps={nfes[0]}).images  # one of: {", ".join(map(str, nfes))}
 ```
