@@ -11,6 +11,7 @@
 # that need the same teacher pool (model, table, pool settings) build it once (--pool_cache_dir .gpu_work/pools).
 # NPROC (default 1) processes, one GPU each, under `accelerate launch` (throughput of several GPUs: the logs' samples_per_s;
 # the deadline's SIGTERM reaches the launcher only, so give such runs STEPS that end in time);
+# GPUS=2 runs stage k on GPU k mod 2 (two single-GPU runs side by side on nvidia-h200-x2; timings are then the H200's);
 # STEPS (default 1000) optimiser steps; DEADLINE (seconds from the start) stops runs with SIGTERM (they checkpoint).
 # Outputs: logs, metrics and (with KEEP_MODEL=1) the fp16 tuned unet under $OUT.
 set -uo pipefail
@@ -79,11 +80,22 @@ t2i_train() {  # t2i:NFES:LR[:EXTRA]: LoRA (the default for these pipelines) on 
     $(cd "$W" && ls -d runs/$name/scheduler runs/$name/*.safetensors runs/$name/*.json runs/$name/README.md 2>/dev/null)
 }
 
-for stage in "$@"; do
-  case $stage in
+run_stage() {
+  case $1 in
     profile) profile ;;  # alone: its timings must not share the GPU
-    t2i:*) t2i_train "$stage" ;;
-    *) train "$stage" ;;
+    t2i:*) t2i_train "$1" ;;
+    *) train "$1" ;;
   esac
-done
+}
+
+if [ "${GPUS:-1}" -gt 1 ]; then  # stage k on GPU k mod GPUS; the stages of one GPU one after another
+  [ "${NPROC:-1}" -gt 1 ] && { echo "GPUS and NPROC exclude each other" >&2; exit 2; }
+  for g in $(seq 0 $((GPUS - 1))); do
+    (export CUDA_VISIBLE_DEVICES=$g; k=0
+     for stage in "$@"; do [ $((k % GPUS)) -eq "$g" ] && run_stage "$stage"; k=$((k + 1)); done) &
+  done
+  wait
+else
+  for stage in "$@"; do run_stage "$stage"; done
+fi
 stamp "done"

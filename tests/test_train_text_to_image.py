@@ -295,7 +295,7 @@ def test_text_to_image_settings_are_refused_in_one_line(saved, tmp_path, capsys)
 def test_guided_phase2_losses_keep_each_row_with_its_trajectory(saved):
     """The batched losses of a guided student (cond and uncond rows repeated over the N steps of one batch) equal
     the same losses computed one trajectory at a time, and the trajectory's with all steps in one call
-    (`batch_steps`); guidance changes them."""
+    (`batch_steps`), as does the endpoint target's; guidance changes them."""
     from diffusers import DiffusionPipeline
 
     from diffusers_fewstep.conditioning import encode_text_to_image
@@ -320,6 +320,12 @@ def test_guided_phase2_losses_keep_each_row_with_its_trajectory(saved):
                                     batch_steps=True)[1]
                 for i in range(3):
                     assert abs(steps[f"step_{i}"] - batched[f"step_{i}"]) < 1e-4 * batched[f"step_{i}"], i
+        # the endpoint target (gradients through the whole guided solve): the batch's loss is the mean of each row's
+        end = float(phase2_loss(student, states, table, "endpoint", cond=encoded.cond, uncond=encoded.uncond)[0])
+        ends = [float(phase2_loss(student, states[:, k:k + 1], table, "endpoint",
+                                  cond={n: v[k:k + 1] for n, v in encoded.cond.items()},
+                                  uncond={n: v[k:k + 1] for n, v in encoded.uncond.items()})[0]) for k in range(3)]
+        assert end > 0 and abs(end - sum(ends) / 3) < 1e-4 * end
         student.guidance_scale = 1.0
         unguided = phase2_loss(student, states, table, "interval_average", cond=encoded.cond)[1]
     assert abs(unguided["step_1"] - batched["step_1"]) > 0.05 * batched["step_1"]
