@@ -387,6 +387,34 @@ def test_fixed_tables_skip_phase_one_and_the_reference_row_can_be_left_out(tiny_
     assert "| 0 | tables (held fixed) | 0 |" in card
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_the_same_weights_with_the_endpoint_target(tiny_pipeline, tmp_path, lora):
+    """--gradient_checkpointing turns on diffusers' checkpointing of the trained UNet (also under a LoRA adapter) and
+    changes no number: two endpoint-target steps end on the same weights as without it."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from diffusers_fewstep import train
+
+    calls = []
+    original = UNet2DModel.enable_gradient_checkpointing
+    weights = {}
+    for flag in ([], ["--gradient_checkpointing"]):
+        out = str(tmp_path / f"out{len(flag)}")
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(UNet2DModel, "enable_gradient_checkpointing", lambda self: (calls.append(len(flag)), original(self))[1])
+            train.main(train.parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out,
+                                         "--rounds", "1", "--phase2_steps", "2", "--checkpointing_steps", "100", *FAST,
+                                         "--phase1_iters", "0", "--phase1_init", "ddim_trailing", "--eval_samples", "0",
+                                         "--phase2_target", "endpoint", *(["--use_lora"] if lora else []), *flag]))
+        path = os.path.join(out, "unet_lora" if lora else "unet")
+        weights[len(flag)] = {k: v for f in os.listdir(path) if f.endswith(".safetensors")
+                              for k, v in load_file(os.path.join(path, f)).items()}
+    assert calls == [1]
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 0
+    assert max((weights[0][k].float() - weights[1][k].float()).abs().max() for k in weights[0]) < 1e-6
+
+
 def test_phase2_starts_from_the_tables_of_a_learned_folder(tiny_pipeline, tmp_path):
     """--phase1_init FOLDER (an optimize output) with --phase1_iters 0: Phase 2 tunes the model on exactly those
     tables; a count the folder lacks, or a folder learned for another model, stops the run before any work."""

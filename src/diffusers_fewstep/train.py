@@ -109,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compare_reference", action=argparse.BooleanOptionalAction, default=True, help="Also measure the final and the base model with the --reference_steps reference solve (with FD: 2 × reference_steps × fd_samples model calls).")
     parser.add_argument("--compare_table", type=str, default="ddim_trailing", choices=["ddim_trailing", "ddim_leading", "karras", "loguniform"], help="Hand-made table (schedules.baseline_sigmas) for the --compare_nfe counts.")
     parser.add_argument("--channels_last", action="store_true", help="Keep the model in channels-last memory format (convolutions; see benchmarks/profile_phase2.py).")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the trained model's activations block by block in the backward pass (diffusers' enable_gradient_checkpointing): less memory, slower; for large models and for --phase2_target endpoint, which keeps every step's activations.")
     parser.add_argument("--compile", action="store_true", help="torch.compile the trained model: inductor on CUDA; elsewhere only dynamo's tracing (backend 'eager'), as inductor's CPU build takes minutes.")
     parser.add_argument("--use_fused_adamw", action="store_true", help="AdamW's fused CUDA kernel (ignored off CUDA).")
     parser.add_argument("--report_to", type=str, default=None, help="Tracker(s) for accelerate: tensorboard, wandb, all.")
@@ -431,7 +432,10 @@ def main(args: argparse.Namespace) -> str:
 
 
 def _speed_options(accelerator, model, teacher_module, args) -> None:
-    """`--channels_last` (model and teacher) and `--compile` (the trained model), before `accelerator.prepare`."""
+    """`--channels_last` (model and teacher), `--gradient_checkpointing` and `--compile` (the trained model), before
+    `accelerator.prepare`. The teacher runs without gradients, where diffusers' checkpointing does nothing."""
+    if args.gradient_checkpointing:
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).enable_gradient_checkpointing()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
         teacher_module.to(memory_format=torch.channels_last)
