@@ -38,7 +38,7 @@ def main():
     with open(os.path.join(args.run, "optimize_log.json")) as f:
         log = json.load(f)
     net = ev.load_fmnist_classifier(args.classifier, device)
-    test_stats = ev.feature_statistics(ev.extract_features(net, ev.fmnist_images(args.data).to(device)))
+    test_stats = ev.reference_statistics(net, args.data, device)
     shape = tuple(log["settings"]["sample_shape"])
     noise = ev.noise_bank(args.n, shape, device=device)
     reference = ev.reference_samples(denoiser, noise, batch_size=args.batch_size)

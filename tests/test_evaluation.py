@@ -175,3 +175,30 @@ def test_load_images_reads_idx_files_folders_and_tensors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images"):
         (tmp_path / "empty").mkdir()
         load_images(str(tmp_path / "empty"), (1, 8, 8))
+
+
+def test_saved_reference_statistics_stand_in_for_the_images_of_their_network(tmp_path):
+    """fd_statistics.npz (what a GPU run can carry instead of the test images) gives the statistics computed from the
+    images, for the network it was written with; with another network it is ignored beside images and refused
+    without them."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 6))
+    net.features = net.forward
+    from_images = ev.feature_statistics(ev.extract_features(net, ev.fmnist_images(str(tmp_path))))
+    ev.save_reference_statistics(net, str(tmp_path))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / ev.FD_STATISTICS, alone)
+    mu, cov = ev.reference_statistics(net, str(alone))
+    assert np.abs(mu - from_images[0]).max() < 1e-9 and np.abs(cov - from_images[1]).max() < 1e-9
+
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 6))
+    other.features = other.forward
+    mu_other, _ = ev.reference_statistics(other, str(tmp_path))  # recomputed from the images, for this network
+    assert np.abs(mu_other - mu).max() > 1e-3
+    with pytest.raises(ValueError, match="another feature network"):
+        ev.reference_statistics(other, str(alone))

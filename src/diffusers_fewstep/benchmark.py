@@ -122,9 +122,11 @@ class Harness:
             inception = ev.inception_feature_extractor(self.device)
             if inception is not None:
                 self.feature_nets["fid_inception"] = inception
-        test = ev.fmnist_images(args.data, "test").to(self.device)
-        self.test_stats = {k: ev.feature_statistics(ev.extract_features(f, test, args.batch_size))
-                           for k, f in self.feature_nets.items()}
+        self.test_stats = {"fd_fmnist": ev.reference_statistics(net, args.data, self.device, args.batch_size)}
+        if "fid_inception" in self.feature_nets:
+            test = ev.fmnist_images(args.data, "test").to(self.device)
+            self.test_stats["fid_inception"] = ev.feature_statistics(
+                ev.extract_features(self.feature_nets["fid_inception"], test, args.batch_size))
         self.noise = ev.noise_bank(args.n, peers._sample_shape(denoiser), device=self.device)
         with ev.measure_cost(self.device, denoiser) as cost:
             self.reference = ev.reference_samples(denoiser, self.noise, batch_size=args.batch_size)

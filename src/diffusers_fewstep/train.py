@@ -485,7 +485,7 @@ def _generate(denoiser: SigmaDenoiser, noise: torch.Tensor, sigmas, solver: str,
 def _eval_set(teacher: SigmaDenoiser, args, device, rows: Optional[Conditioning] = None) -> dict:
     """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples (`reference.solve`) and,
     with `--fd_classifier`, the feature network and the reference statistics for FD."""
-    from .evaluation import extract_features, feature_statistics, fmnist_images, load_fmnist_classifier, noise_bank
+    from .evaluation import load_fmnist_classifier, noise_bank, reference_statistics
     from .reference import solve
 
     noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
@@ -495,7 +495,7 @@ def _eval_set(teacher: SigmaDenoiser, args, device, rows: Optional[Conditioning]
     ev = {"noise": noise, "reference": reference, "rows": rows}
     if args.fd_classifier:
         ev["net"] = load_fmnist_classifier(args.fd_classifier, device)
-        ev["stats"] = feature_statistics(extract_features(ev["net"], fmnist_images(args.fd_data).to(device)))
+        ev["stats"] = reference_statistics(ev["net"], args.fd_data, device)
     return ev
 
 
