@@ -400,8 +400,8 @@ def main(args: argparse.Namespace) -> str:
                     tables = _phase1(accelerator, args, state, tuned, teacher, ema, rows, broadcast_object_list)
                     guard.unsaved()
                     state.tables, state.phase, state.step_in_phase, state.divergence = tables, 2, 0, {}
-                    if accelerator.is_main_process:
-                        with ema_weights(ema, _trainable(unwrapped)):
+                    if accelerator.is_main_process and (args.phase1_iters or state.round == 0):  # held tables
+                        with ema_weights(ema, _trainable(unwrapped)):  # after Phase 2: its last row already says it
                             _record(accelerator, state, "phase1", tuned, ev, args)
                     save_or_stop(accelerator, args, state, guard)
                 if state.round >= args.rounds:
