@@ -287,7 +287,9 @@ def test_bad_settings_fail_before_anything_loads(tmp_path, capsys):
                       (["--divergence_factor", "0.5"], "--divergence_factor must be > 1"),
                       (["--nfe", "2", "3", "--denoising_weight", "1", "1"], "takes 1 value or one per step"),
                       (["--phase2_target", "endpoint", "--phase2_batch_steps"],
-                       "--phase2_batch_steps batches the steps of --phase2_target trajectory; got --phase2_target endpoint")]:
+                       "--phase2_batch_steps batches the steps of --phase2_target trajectory; got --phase2_target endpoint"),
+                      (["--reference_scheduler", "pipeline"], "gives the teacher's endpoints only, and --phase2_target "
+                       "trajectory needs its states at every σ; use --phase2_target endpoint")]:
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert says in capsys.readouterr().err
@@ -588,7 +590,7 @@ def test_pool_rmse_is_the_endpoint_rmse_of_the_pools_own_noises(tiny_pipeline):
     teacher = SigmaDenoiser.from_pretrained(tiny_pipeline).eval()
     table = baseline_sigmas("ddim_trailing", 3, teacher.schedule).float()
     args = SimpleNamespace(sample_shape=(1, 8, 8), pool_batch_size=8, reference_steps=10, eval_samples=12,
-                           solver="euler", clamp_samples=True)
+                           solver="euler", clamp_samples=True, reference_scheduler="ode")
     pool = build_pool(teacher, table, 16, args, torch.Generator().manual_seed(0), "cpu")
     noise = pool["states"][0, :12] * teacher.schedule.native_scale(table[:1].double()).float()
     expected = endpoint_rmse(generate(teacher, noise, table), pool["states"][-1, :12].clamp(-1, 1))
@@ -610,7 +612,7 @@ def test_pool_cache_builds_a_pool_once_and_tells_pools_apart(tiny_pipeline, tmp_
     original = train.teacher_states
     monkeypatch.setattr(train, "teacher_states", lambda *a, **k: calls.append(1) or original(*a, **k))
     args = SimpleNamespace(pretrained_model_name_or_path=tiny_pipeline, sample_shape=(1, 8, 8), pool_batch_size=8,
-                           reference_steps=10, pool_cache_dir=str(tmp_path / "pools"))
+                           reference_steps=10, pool_cache_dir=str(tmp_path / "pools"), reference_scheduler="ode")
     two, three = (baseline_sigmas("ddim_trailing", n, teacher.schedule).float() for n in (2, 3))
     first = train.cached_pool(teacher, two, 16, args, (0, 0, 2, 0), "cpu")
     assert len(calls) == 2 and len(os.listdir(args.pool_cache_dir)) == 1
@@ -624,3 +626,43 @@ def test_pool_cache_builds_a_pool_once_and_tells_pools_apart(tiny_pipeline, tmp_
     assert len(calls) == 2 + 2 + 1 + 2 + 2 and len(os.listdir(args.pool_cache_dir)) == 5
     args.pool_cache_dir, args.reference_steps = None, 10  # off: always solved (the same pool again)
     assert torch.equal(train.cached_pool(teacher, two, 16, args, (0, 0, 2, 0), "cpu")["states"], first["states"])
+
+
+def test_pipeline_reference_pool_holds_the_start_and_the_pipelines_own_image(tiny_pipeline, tmp_path):
+    """--reference_scheduler pipeline: each pool trajectory is its σ-space start and the image the stock pipeline
+    (here DDIMPipeline, 12 steps) makes from the same noise; a run on it trains with the endpoint target and
+    defaults to the pipelines' 50 steps."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
+
+    from diffusers_fewstep import train
+    from diffusers_fewstep.adapter import SigmaDenoiser
+    from diffusers_fewstep.reference import start_state
+    from diffusers_fewstep.schedules import baseline_sigmas
+
+    base = DDPMPipeline.from_pretrained(tiny_pipeline)
+    folder = str(tmp_path / "ddim")
+    DDIMPipeline(unet=base.unet, scheduler=DDIMScheduler.from_config(base.scheduler.config)).save_pretrained(folder)
+    teacher = SigmaDenoiser.from_pretrained(folder).eval()
+    table = baseline_sigmas("ddim_trailing", 2, teacher.schedule).float()
+    args = SimpleNamespace(sample_shape=(1, 8, 8), pool_batch_size=8, reference_steps=12, reference_scheduler="pipeline")
+    pool = train.build_pool(teacher, table, 16, args, torch.Generator().manual_seed(0), "cpu")
+    assert pool["states"].shape == (2, 16, 1, 8, 8)
+    noise = torch.randn((8, 1, 8, 8), generator=torch.Generator().manual_seed(0))  # the pool's first draw
+    assert torch.allclose(pool["states"][0, :8], start_state(noise, teacher.schedule, table[0]), atol=1e-6)
+    pipe = DDIMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=8, num_inference_steps=12, generator=torch.Generator().manual_seed(0), output_type="np").images
+    ours = (pool["states"][1, :8].clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1)
+    assert (ours - torch.from_numpy(images)).abs().max() < 1e-4
+
+    out = str(tmp_path / "out")
+    train.main(train.parse_args(["--pretrained_model_name_or_path", folder, "--output_dir", out, "--rounds", "1",
+                                 "--phase2_steps", "2", "--checkpointing_steps", "100", *FAST, "--phase1_iters", "0",
+                                 "--phase1_init", "ddim_trailing", "--phase2_target", "endpoint",
+                                 "--reference_scheduler", "pipeline", "--reference_steps", "12"]))
+    with open(os.path.join(out, "metrics.json")) as f:
+        record = json.load(f)
+    assert record["args"]["reference_scheduler"] == "pipeline" and [m["phase"] for m in record["metrics"]] == ["phase1", "phase2"]
+    assert train.parse_args(["--reference_scheduler", "pipeline", "--phase2_target", "endpoint"]).reference_steps is None

@@ -45,6 +45,8 @@ from .finetune import (PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES
                        lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .schedules import starting_tables
 from .model_card import tuning_shortfall
+from .reference import PIPELINE_STEPS, REFERENCE_STEPS, start_state
+from .reference import choose as choose_reference
 from .selection import extra_args
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
 from .text_to_image_training import check_arguments as check_text_to_image_arguments
@@ -74,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--train_batch_size", type=int, default=64, help="Trajectories per device and micro-batch.")
     parser.add_argument("--pool_size", type=int, default=4096, help="Teacher trajectories drawn per NFE and round (split over processes).")
     parser.add_argument("--pool_batch_size", type=int, default=512, help="Batch size of the teacher solves that build the pool.")
-    parser.add_argument("--reference_steps", type=int, default=200, help="Steps of the teacher's reference solve (DPM-Solver++(2M)).")
+    parser.add_argument("--reference_steps", type=int, default=None, help="Steps of the teacher's reference (default: ode 200; pipeline: the pipeline's own num_inference_steps, SD 50, SD3 28).")
+    parser.add_argument("--reference_scheduler", type=str, default="ode", choices=["ode", "pipeline"], help="What the teacher's endpoints are: its DPM-Solver++(2M) solve of the ODE, or the image the pipeline itself makes from the same noise (its own diffusers scheduler at --reference_steps, as optimize --reference-scheduler pipeline); pipeline gives endpoints only, so it needs --phase2_target endpoint.")
     parser.add_argument("--pool_cache_dir", type=str, default=None, help="Keep every built teacher pool here and reuse it when a later run (same model, table, seeds and pool settings) needs the same one: runs that differ only in training settings build it once.")
     parser.add_argument("--denoising_weight", type=float, nargs="+", default=[0.0], help="λ_i of the denoising loss mixed into Phase 2: one value or one per step.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="Clean images for the denoising loss: Fashion-MNIST IDX files or an image folder (default: the teacher's samples); text-to-image: a captioned imagefolder (metadata.jsonl), whose captions are the prompts.")
@@ -142,6 +145,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.phase2_batch_steps and args.phase2_target != "trajectory":
         raise ValueError(f"--phase2_batch_steps batches the steps of --phase2_target trajectory; got --phase2_target "
                          f"{args.phase2_target} ({'already one batch' if args.phase2_target == 'interval_average' else 'every step is back-propagated through the next'})")
+    if args.reference_scheduler == "pipeline" and args.phase2_target != "endpoint":
+        raise ValueError(f"--reference_scheduler pipeline gives the teacher's endpoints only, and --phase2_target "
+                         f"{args.phase2_target} needs its states at every σ; use --phase2_target endpoint")
     if args.divergence_factor != 0 and not args.divergence_factor > 1:
         raise ValueError("--divergence_factor must be > 1 (or 0: stop only at non-finite losses); "
                          f"got {args.divergence_factor}")
@@ -253,7 +259,7 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
 # what decides a pool besides its table, size and seed keys: the teacher, its solve, its draws and its conditioning
 POOL_ARGS = ("pretrained_model_name_or_path", "revision", "variant", "reference_steps", "pool_batch_size", "mixed_precision",
              "sample_shape", "conditioning_file", "prompts_file", "prompt_column", "train_data_dir", "caption_column",
-             "negative_prompt", "guidance_scale", "resolution")
+             "negative_prompt", "guidance_scale", "resolution", "reference_scheduler")
 
 
 def cached_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, keys: Sequence[int], device,
@@ -282,15 +288,20 @@ def cached_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, k
 @torch.no_grad()
 def build_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, generator: torch.Generator, device,
                rows: Optional[Conditioning] = None) -> dict:
-    """`size` teacher trajectories at the scheduled σ's, `states`, and the conditioning row of each, `rows`
-    (a random draw; an index, so that prompt encodings are not copied per trajectory)."""
+    """`size` teacher trajectories at the scheduled σ's, `states` (`--reference_scheduler pipeline`: the start and
+    the endpoint only), and the conditioning row of each, `rows` (a random draw; an index, so that prompt encodings
+    are not copied per trajectory)."""
     states, picks = [], []
     for start in range(0, size, args.pool_batch_size):
         n = min(args.pool_batch_size, size - start)
         noise = torch.randn((n, *args.sample_shape), generator=generator).to(device)
         pick = None if rows is None else torch.randint(len(rows), (n,), generator=generator)
         extra = {} if rows is None else rows.rows(pick)
-        states.append(teacher_states(teacher, noise, sigmas, args.reference_steps, **extra))
+        if args.reference_scheduler == "pipeline":  # the start and the pipeline's own image of the same noise
+            end = _reference(teacher, args)(teacher, noise, extra or None)
+            states.append(torch.stack([start_state(noise, teacher.schedule, sigmas[0]), end.to(noise)]))
+        else:
+            states.append(teacher_states(teacher, noise, sigmas, args.reference_steps, **extra))
         picks.append(pick)
     pool = {"states": torch.cat(states, 1)}
     if rows is not None:
@@ -332,6 +343,9 @@ def main(args: argparse.Namespace) -> str:
         model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
         size = model.config.sample_size
         args.sample_shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    if args.reference_steps is None:  # the ODE's 200 steps, or the pipeline's own step count
+        args.reference_steps = (REFERENCE_STEPS if args.reference_scheduler == "ode"
+                                else t2i.encoded.default_steps if t2i is not None else PIPELINE_STEPS)
     start = starting_tables(args.phase1_init, args.nfe, base_config)  # a folder or peer: resolved (and checked) now
     args.start_tables = {str(n): t for n, t in start.items()} if isinstance(start, dict) else None
     args.use_lora = t2i is not None if args.use_lora is None else args.use_lora
@@ -486,12 +500,10 @@ def _eval_set(teacher: SigmaDenoiser, args, device, rows: Optional[Conditioning]
     """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples (`reference.solve`) and,
     with `--fd_classifier`, the feature network and the reference statistics for FD."""
     from .evaluation import load_fmnist_classifier, noise_bank, reference_statistics
-    from .reference import solve
-
     noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
                        device=device)
-    reference = _batched(lambda chunk, extra: solve(teacher, chunk, args.reference_steps, extra_args=extra),
-                         noise[: args.eval_samples], args, rows)
+    truth = _reference(teacher, args)
+    reference = _batched(lambda chunk, extra: truth(teacher, chunk, extra), noise[: args.eval_samples], args, rows)
     ev = {"noise": noise, "reference": reference, "rows": rows}
     if args.fd_classifier:
         ev["net"] = load_fmnist_classifier(args.fd_classifier, device)
@@ -508,6 +520,11 @@ def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dic
     if "net" in ev:
         scores["fd"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
     return scores
+
+
+def _reference(teacher: SigmaDenoiser, args):
+    """The teacher's reference (`reference.choose`): `--reference_scheduler` at `--reference_steps`."""
+    return choose_reference(args.reference_scheduler, teacher, args.reference_steps)
 
 
 def _pool_rmse(denoiser: SigmaDenoiser, pool: dict, sigmas, args, rows: Optional[Conditioning] = None) -> float:
