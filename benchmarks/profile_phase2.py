@@ -233,7 +233,7 @@ def time_pool(args, teacher_name: str, table, config) -> dict:
         unet.to(memory_format=torch.channels_last)
     teacher = SigmaDenoiser(unet, config)
     opts = SimpleNamespace(pool_batch_size=args.pool_batch_size, sample_shape=sample_shape(unet),
-                           reference_steps=args.reference_steps)
+                           reference_steps=args.reference_steps, reference_scheduler="ode")
 
     def solve(n):
         with autocast(args, settings):
