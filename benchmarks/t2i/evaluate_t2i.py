@@ -122,9 +122,8 @@ class Scorer:
             test, test_labels = fmnist_labelled(data, "test", fd_ref_limit)
             feats = extract_features(self.net, test.to(device))
             self.test_accuracy = self.accuracy(feats, test_labels)
-        if fd_ref_limit:
             self.fd_reference, self.test_stats = f"Fashion-MNIST test ({len(test)} images)", feature_statistics(feats)
-        else:  # fd_statistics.npz where written for this classifier (a GPU run may carry it alone), else the images
+        else:  # only fd_statistics.npz was carried (written for this classifier)
             self.fd_reference = "Fashion-MNIST test (10000 images)"
             self.test_stats = reference_statistics(self.net, data, device)
         self.reference: Optional[torch.Tensor] = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
 
 import torch
 
@@ -163,12 +162,6 @@ def default_reference(t2i, quiet: bool = False) -> str:
     return "pipeline"
 
 
-def pipeline_steps(args, t2i) -> Optional[int]:
-    """Steps of the pipeline reference: `--reference-steps`, else the text-to-image pipeline's own default
-    `num_inference_steps` (SD 50, SD3 28), else None (50)."""
-    return args.reference_steps or (t2i.default_steps if t2i is not None else None)
-
-
 def default_output_dir(model: str) -> str:
     """`outputs/<name>-fewstep` for a model folder or Hub id (`user/name` → `name`)."""
     return os.path.join("outputs", os.path.basename(os.path.normpath(model)) + "-fewstep")
@@ -180,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     from .conditioning import load_from_args
     from .data import load_images
     from .hub import load_model_and_scheduler_config, portable_model_ref
+    from .reference import pipeline_steps
     from .outputs import read_scheduler_tables
 
     args.output_dir = args.output_dir or default_output_dir(args.model)
@@ -214,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         num_iters=pick("max_iters"), batch_size=pick("batch_size"), lr=args.lr,
         validation_size=pick("validation_size"), pool_size=pick("pool_size"), data=data, cond=cond, uncond=uncond,
         init=starting_tables(args.init, args.nfe, config), existing={n: v for n, v in existing.items() if n in args.nfe},
-        reference_steps=pipeline_steps(args, t2i) if args.reference_scheduler == "pipeline" else pick("reference_steps"),
+        reference_steps=pipeline_steps(args.reference_steps, t2i) if args.reference_scheduler == "pipeline" else pick("reference_steps"),
         reference_scheduler=args.reference_scheduler, seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, on_table=save)

@@ -162,6 +162,12 @@ def solve_pipeline(denoiser, noise: torch.Tensor, scheduler, steps: int = PIPELI
     return scheduler_loop(model_output, scheduler, noise.float(), steps, **kwargs).float()
 
 
+def pipeline_steps(steps: Optional[int], t2i=None) -> int:
+    """Steps of the pipeline reference: `steps` when given, else the text-to-image pipeline's own default
+    `num_inference_steps` (`TextToImage.default_steps`: SD and SDXL 50, SD3 and Flux 28), else 50."""
+    return steps or (t2i.default_steps if t2i is not None else PIPELINE_STEPS)
+
+
 def pipeline_scheduler(config: Mapping[str, Any]):
     """A fresh instance of the diffusers scheduler a pipeline's scheduler config names (`_class_name`), built
     from that config; refuses configs naming no stock diffusers scheduler and schedulers that add noise at every

@@ -45,7 +45,7 @@ from .finetune import (PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES
                        lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .schedules import starting_tables
 from .model_card import tuning_shortfall
-from .reference import PIPELINE_STEPS, REFERENCE_STEPS, start_state
+from .reference import REFERENCE_STEPS, pipeline_steps, start_state
 from .reference import choose as choose_reference
 from .selection import extra_args
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
@@ -292,13 +292,14 @@ def build_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, ge
     the endpoint only), and the conditioning row of each, `rows` (a random draw; an index, so that prompt encodings
     are not copied per trajectory)."""
     states, picks = [], []
+    pipeline = _reference(teacher, args) if args.reference_scheduler == "pipeline" else None
     for start in range(0, size, args.pool_batch_size):
         n = min(args.pool_batch_size, size - start)
         noise = torch.randn((n, *args.sample_shape), generator=generator).to(device)
         pick = None if rows is None else torch.randint(len(rows), (n,), generator=generator)
         extra = {} if rows is None else rows.rows(pick)
-        if args.reference_scheduler == "pipeline":  # the start and the pipeline's own image of the same noise
-            end = _reference(teacher, args)(teacher, noise, extra or None)
+        if pipeline is not None:  # the start and the pipeline's own image of the same noise
+            end = pipeline(teacher, noise, extra or None)
             states.append(torch.stack([start_state(noise, teacher.schedule, sigmas[0]), end.to(noise)]))
         else:
             states.append(teacher_states(teacher, noise, sigmas, args.reference_steps, **extra))
@@ -343,9 +344,8 @@ def main(args: argparse.Namespace) -> str:
         model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
         size = model.config.sample_size
         args.sample_shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
-    if args.reference_steps is None:  # the ODE's 200 steps, or the pipeline's own step count
-        args.reference_steps = (REFERENCE_STEPS if args.reference_scheduler == "ode"
-                                else t2i.encoded.default_steps if t2i is not None else PIPELINE_STEPS)
+    args.reference_steps = ((args.reference_steps or REFERENCE_STEPS) if args.reference_scheduler == "ode"
+                            else pipeline_steps(args.reference_steps, t2i and t2i.encoded))
     start = starting_tables(args.phase1_init, args.nfe, base_config)  # a folder or peer: resolved (and checked) now
     args.start_tables = {str(n): t for n, t in start.items()} if isinstance(start, dict) else None
     args.use_lora = t2i is not None if args.use_lora is None else args.use_lora
@@ -497,7 +497,7 @@ def _generate(denoiser: SigmaDenoiser, noise: torch.Tensor, sigmas, solver: str,
 
 
 def _eval_set(teacher: SigmaDenoiser, args, device, rows: Optional[Conditioning] = None) -> dict:
-    """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples (`reference.solve`) and,
+    """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples (:func:`_reference`) and,
     with `--fd_classifier`, the feature network and the reference statistics for FD."""
     from .evaluation import load_fmnist_classifier, noise_bank, reference_statistics
     noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
