@@ -288,7 +288,7 @@ def test_bad_settings_fail_before_anything_loads(tmp_path, capsys):
                       (["--nfe", "2", "3", "--denoising_weight", "1", "1"], "takes 1 value or one per step"),
                       (["--phase2_target", "endpoint", "--phase2_batch_steps"],
                        "--phase2_batch_steps batches the steps of --phase2_target trajectory; got --phase2_target endpoint"),
-                      (["--reference_scheduler", "pipeline"], "gives the teacher's endpoints only, and --phase2_target "
+                      (["--reference_scheduler", "pipeline", "--phase2_target", "trajectory"], "gives the teacher's endpoints only, and --phase2_target "
                        "trajectory needs its states at every σ; use --phase2_target endpoint")]:
         with pytest.raises(SystemExit):
             parse_args(bad)
@@ -477,7 +477,8 @@ def test_speed_options_train_the_same_model_on_cpu(tiny_pipeline, tmp_path):
     from diffusers_fewstep.train import main, parse_args
 
     args = ["--pretrained_model_name_or_path", tiny_pipeline, "--rounds", "1", "--phase2_steps", "3",
-            "--checkpointing_steps", "1", *FAST[:-4], "--phase1_iters", "0", "--eval_samples", "0", "--learning_rate", "1e-3"]
+            "--checkpointing_steps", "1", *FAST[:-4], "--phase1_iters", "0", "--eval_samples", "0", "--learning_rate", "1e-3",
+            "--phase2_target", "trajectory"]
     plain, fast = str(tmp_path / "plain"), str(tmp_path / "fast")
     main(parse_args(args + ["--output_dir", plain]))
     from torch._dynamo.utils import counters
@@ -666,3 +667,24 @@ def test_pipeline_reference_pool_holds_the_start_and_the_pipelines_own_image(tin
         record = json.load(f)
     assert record["args"]["reference_scheduler"] == "pipeline" and [m["phase"] for m in record["metrics"]] == ["phase1", "phase2"]
     assert train.parse_args(["--reference_scheduler", "pipeline", "--phase2_target", "endpoint"]).reference_steps is None
+
+
+def test_auto_settings_resolve_per_count_and_per_pipeline():
+    """--phase2_target auto: the endpoint target at ≤ 2 steps, the trajectory target above; the default
+    --reference_scheduler: the pipeline's own image for a text-to-image pipeline with a deterministic scheduler (then every count
+    trains on the endpoint), the ODE solve otherwise or when the target asks for states."""
+    from types import SimpleNamespace
+
+    from diffusers_fewstep.train import resolve_targets
+
+    def resolved(scheduler=None, **flags):
+        args = SimpleNamespace(**{"reference_scheduler": None, "phase2_target": "auto", "nfe": [2, 3, 4], **flags})
+        resolve_targets(args, scheduler and SimpleNamespace(scheduler_config={"_class_name": scheduler}))
+        return args.reference_scheduler, args.phase2_targets
+
+    assert resolved() == ("ode", {2: "endpoint", 3: "trajectory", 4: "trajectory"})
+    assert resolved("PNDMScheduler") == ("pipeline", {2: "endpoint", 3: "endpoint", 4: "endpoint"})
+    assert resolved("DDPMScheduler") == ("ode", {2: "endpoint", 3: "trajectory", 4: "trajectory"})  # adds noise
+    assert resolved("PNDMScheduler", phase2_target="trajectory") == ("ode", {n: "trajectory" for n in (2, 3, 4)})
+    assert resolved("PNDMScheduler", reference_scheduler="ode") == ("ode", {2: "endpoint", 3: "trajectory",
+                                                                           4: "trajectory"})

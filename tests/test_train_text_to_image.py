@@ -98,7 +98,7 @@ def test_lora_output_loads_with_load_lora_weights_and_samples_what_the_student_d
     _, cls = FAMILIES[name]
     out = tmp_path / "out"
     saves, solves, phase1 = _run(monkeypatch, saved / name, out, "--prompts_file", str(saved / "prompts.txt"),
-                                 "--learning_rate", "1e-2")
+                                 "--learning_rate", "1e-2", "--reference_scheduler", "ode")  # the teacher's ODE solve
     # 1. the folder: the LoRA in diffusers' format, the scheduler, the model card; LoRA was on by default
     assert {"pytorch_lora_weights.safetensors", "scheduler", "README.md", "metrics.json"} <= set(os.listdir(out))
     assert not os.path.exists(out / "unet_lora")
@@ -248,6 +248,13 @@ def test_stopped_run_resumes_to_the_uninterrupted_lora(saved, tmp_path):
     main(parse_args(args + ["--output_dir", str(killed), "--resume_from_checkpoint", "latest"]))
     tables = [json.loads((d / "scheduler" / "scheduler_config.json").read_text())["sigma_tables"] for d in (full, killed)]
     assert tables[0] == tables[1]
+    # the defaults for a text-to-image pipeline with a deterministic scheduler: its own image is the target
+    record = json.loads((full / "metrics.json").read_text())
+    scheduler = json.loads((saved / "sd" / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    assert record["args"]["reference"] == {"reference_scheduler": "pipeline", "reference_solver": scheduler,
+                                           "reference_steps": 10}
+    assert record["args"]["phase2_targets"] == {"2": "endpoint"}
+    assert f"against the image the pipeline's own {scheduler} makes in 10 steps" in (full / "README.md").read_text()
     a, b = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (full, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert max(float(v.abs().max()) for k, v in a.items() if "lora.up" in k) > 1e-4  # up (B) starts at 0: it trained

@@ -79,16 +79,26 @@ def tuning_shortfall(rows: List[dict]) -> str:
             f"table at {found}. Sample the base model with the learned table there, or train longer.")
 
 
-def step_counts_section(rows: List[dict], nfes: Sequence[int]) -> str:
+def reference_text(settings: Optional[dict]) -> str:
+    """What a run's targets and RMSEs are measured against, from its reference settings (`reference.Reference.settings`)."""
+    settings = settings or {}
+    steps = settings.get("reference_steps", "?")
+    if settings.get("reference_scheduler") == "pipeline":
+        return f"the image the pipeline's own {settings.get('reference_solver')} makes in {steps} steps"
+    return f"the base model's {steps}-step DPM-Solver++(2M) solution"
+
+
+def step_counts_section(rows: List[dict], nfes: Sequence[int], reference: Optional[dict] = None) -> str:
     if not rows:
         return ""
+    zero = "" if (reference or {}).get("reference_scheduler") == "pipeline" else " (so the base model scores 0 on the reference solve)"
     return f"""
 ## Step counts
 
 Tuned for **{", ".join(map(str, nfes))}** steps. Measured at the end of training on the evaluation noises, the
 tuned model next to the base model with the same σ table and solver: at the counts it was tuned for (its learned
-tables), at other counts with a hand-made table, and with the base model's many-step reference solve. RMSE is
-against the base model's reference solution (so the base model scores 0 on the reference solve).
+tables), at other counts with a hand-made table, and with a many-step DPM-Solver++(2M) solve. RMSE is
+against {reference_text(reference)}{zero}.
 
 {step_counts_table(rows)}
 
@@ -116,8 +126,10 @@ def text_to_image_use(base_model: str, repo_id: str, use_lora: bool, tuned: bool
 
 def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict], solver: str,
               use_lora: bool, tuned: bool, repo_id: str, step_counts: Optional[List[dict]] = None,
-              text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None) -> str:
-    """The card's markdown; `fixed_tables` names the tables of a run that held them fixed (`--phase1_iters 0`)."""
+              text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None,
+              reference: Optional[dict] = None) -> str:
+    """The card's markdown; `fixed_tables` names the tables of a run that held them fixed (`--phase1_iters 0`),
+    `reference` the settings of what its RMSEs are measured against (:func:`reference_text`)."""
     nfes = sorted(int(k) for k in tables)
     if not tuned:
         load = (f'pipe = DDPMPipeline.from_pretrained("{base_model}")  # or your pipeline class\n'
@@ -165,19 +177,20 @@ images = pipe(num_inference_steps={nfes[0]}).images"""
 
 ## Metrics per round
 
-Endpoint RMSE of the few-step sampler against the base model's many-step DPM-Solver++(2M)
-solution from the same noise and, when measured, the Fréchet distance (FD) of its samples to the
+Endpoint RMSE of the few-step sampler against {reference_text(reference)}
+from the same noise and, when measured, the Fréchet distance (FD) of its samples to the
 reference images (lower is better for both), after each phase.
 
 {metrics_table(metrics, "tables (held fixed)" if fixed_tables else "Phase 1 (tables)")}
 {curves_md}
-{step_counts_section(step_counts or [], nfes)}"""
+{step_counts_section(step_counts or [], nfes, reference)}"""
 
 
 def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict],
                     solver: str = "euler", use_lora: bool = False, tuned: bool = True,
                     hub_model_id: Optional[str] = None, step_counts: Optional[List[dict]] = None,
-                    text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None):
+                    text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None,
+                    reference: Optional[dict] = None):
     """Write `README.md` (a `huggingface_hub.ModelCard`) and the σ plot into `output_dir`; returns the card.
     `text_to_image` (a text-to-image run: pipeline class, guidance scale, prompts) gives its loading snippet."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -193,7 +206,7 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
                          + (["text-to-image"] if text_to_image else []))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(base_model, tables, metrics, solver, use_lora,
                                                                     tuned, repo_id, step_counts, text_to_image,
-                                                                    fixed_tables))
+                                                                    fixed_tables, reference))
     card.save(os.path.join(output_dir, "README.md"))
     return card
 
@@ -239,9 +252,7 @@ def save_optimize_card(output_dir: str, config: dict, hub_model_id: Optional[str
                           + ", ".join(f"{s:.4g}" for s in config["sigma_tables"][str(n)]) + "]`" for n in nfes)
     settings = prov.get("settings") or {}
     prompt = "" if prov.get("model_class", "UNet2DModel") == "UNet2DModel" else "prompt, "
-    steps = settings.get("reference_steps", "?")
-    reference = (f"the image the pipeline's own {settings.get('reference_solver')} makes in {steps} steps"
-                 if settings.get("reference_scheduler") == "pipeline" else f"a {steps}-step DPM-Solver++(2M) solution")
+    reference = reference_text(settings)
     data = ModelCardData(library_name="diffusers", base_model=base_model if not os.path.isdir(base_model) else None,
                          tags=["diffusers", "diffusers-fewstep", "few-step-sampling", "scheduler"])
     text = f"""# Few-step σ tables for `{base_model}`

@@ -146,22 +146,6 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.4g}"
 
 
-def default_reference(t2i, quiet: bool = False) -> str:
-    """`pipeline` for a text-to-image pipeline (users compare with the image it makes by default) whose scheduler
-    has one solution per noise, else `ode`."""
-    from .reference import pipeline_scheduler
-
-    if t2i is None:
-        return "ode"
-    try:
-        pipeline_scheduler(t2i.scheduler_config)
-    except ValueError as err:
-        if not quiet:
-            print(f"reference: the ODE solve, not the pipeline's scheduler ({str(err).split(';')[0]})")
-        return "ode"
-    return "pipeline"
-
-
 def default_output_dir(model: str) -> str:
     """`outputs/<name>-fewstep` for a model folder or Hub id (`user/name` → `name`)."""
     return os.path.join("outputs", os.path.basename(os.path.normpath(model)) + "-fewstep")
@@ -173,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from .conditioning import load_from_args
     from .data import load_images
     from .hub import load_model_and_scheduler_config, portable_model_ref
-    from .reference import pipeline_steps
+    from .reference import default_reference, pipeline_steps
     from .outputs import read_scheduler_tables
 
     args.output_dir = args.output_dir or default_output_dir(args.model)

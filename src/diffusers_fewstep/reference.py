@@ -212,6 +212,20 @@ class Reference:
                 "reference_steps": self.steps}
 
 
+def default_reference(t2i, quiet: bool = False) -> str:
+    """`pipeline` for a text-to-image pipeline (`t2i`: its encoded prompts, with the pipeline's `scheduler_config`;
+    users compare with the image it makes by default) whose scheduler has one solution per noise, else `ode`."""
+    if t2i is None:
+        return "ode"
+    try:
+        pipeline_scheduler(t2i.scheduler_config)
+    except ValueError as err:
+        if not quiet:
+            print(f"reference: the ODE solve, not the pipeline's scheduler ({str(err).split(';')[0]})")
+        return "ode"
+    return "pipeline"
+
+
 def choose(reference_scheduler, denoiser, steps: Optional[int] = None) -> Reference:
     """The :class:`Reference` of `reference_scheduler`: `"ode"` (the `steps`-step DPM-Solver++(2M) solve, 200 by
     default), `"pipeline"` (the scheduler the denoiser's scheduler config names, `steps` defaulting to 50 as

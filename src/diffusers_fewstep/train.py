@@ -41,11 +41,11 @@ from .adapter import SigmaDenoiser
 from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error, save_or_stop, set_learning_rate,
                           step_outcome, stop_if_diverged)
 from .data import load_images
-from .finetune import (PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, ema_weights,
-                       lora_target_modules, make_teacher, phase2_loss, teacher_states)
+from .finetune import (PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, auto_target,
+                       ema_weights, lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .schedules import starting_tables
 from .model_card import tuning_shortfall
-from .reference import REFERENCE_STEPS, pipeline_steps, start_state
+from .reference import REFERENCE_STEPS, default_reference, pipeline_steps, start_state
 from .reference import choose as choose_reference
 from .selection import extra_args
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--phase1_batch_size", type=int, default=128, help="Noises per Phase-1 step.")
     parser.add_argument("--phase1_pool_size", type=int, default=None, help="Noises (with teacher references) Phase 1 draws its batches from (default: optimize_schedule's).")
     parser.add_argument("--phase1_init", type=str, default="ddim_trailing", help="Tables Phase 1 starts from (held fixed with --phase1_iters 0): a hand-made one (ddim_trailing, karras, loguniform, ddim_leading), peer:<diffusers scheduler> or a folder of learned tables (an optimize output).")
-    parser.add_argument("--phase2_target", type=str, default="trajectory", choices=list(PHASE2_TARGETS), help="Phase-2 target: the teacher's interval average at its own states, the landing D at the solver's states, or the teacher's endpoint at the end of the whole solve (back-propagated through every step).")
-    parser.add_argument("--phase2_batch_steps", action="store_true", help="Target trajectory: the student's solve without gradients, then all N steps in one batched call with gradients (same loss; faster where a step is bound by per-call overhead, as on small models).")
+    parser.add_argument("--phase2_target", type=str, default="auto", choices=["auto", *PHASE2_TARGETS], help="Phase-2 target: the teacher's interval average at its own states, the landing D at the solver's states, or the teacher's endpoint at the end of the whole solve (back-propagated through every step); auto (default): endpoint at 2 steps or fewer and with --reference_scheduler pipeline, trajectory otherwise (finetune.auto_target).")
+    parser.add_argument("--phase2_batch_steps", action="store_true", help="Counts trained with the trajectory target: the student's solve without gradients, then all N steps in one batched call with gradients (same loss; faster where a step is bound by per-call overhead, as on small models).")
     parser.add_argument("--phase2_loss", type=str, default="l2", choices=list(PHASE2_LOSSES), help="Per-sample distance of the Phase-2 target losses: squared error, or pseudo-Huber (√(MSE + c²) − c, as consistency training).")
     parser.add_argument("--phase2_step_weighting", type=str, default="propagated", choices=["propagated", "uniform"], help="Weights of the per-step losses: the squared propagation of each D error to the sample, or uniform.")
     parser.add_argument("--phase2_steps", type=int, default=1000, help="Optimiser steps of Phase 2 per round.")
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pool_size", type=int, default=4096, help="Teacher trajectories drawn per NFE and round (split over processes).")
     parser.add_argument("--pool_batch_size", type=int, default=512, help="Batch size of the teacher solves that build the pool.")
     parser.add_argument("--reference_steps", type=int, default=None, help="Steps of the teacher's reference (default: ode 200; pipeline: the pipeline's own num_inference_steps, SD 50, SD3 28).")
-    parser.add_argument("--reference_scheduler", type=str, default="ode", choices=["ode", "pipeline"], help="What the teacher's endpoints are: its DPM-Solver++(2M) solve of the ODE, or the image the pipeline itself makes from the same noise (its own diffusers scheduler at --reference_steps, as optimize --reference-scheduler pipeline); pipeline gives endpoints only, so it needs --phase2_target endpoint.")
+    parser.add_argument("--reference_scheduler", type=str, default=None, choices=["ode", "pipeline"], help="What the teacher's endpoints are: its DPM-Solver++(2M) solve of the ODE, or the image the pipeline itself makes from the same noise (its own diffusers scheduler at --reference_steps, as optimize --reference-scheduler pipeline); pipeline gives endpoints only, so it needs --phase2_target endpoint (or auto). Default: pipeline for a text-to-image pipeline whose scheduler is deterministic, unless --phase2_target asks for states; else ode.")
     parser.add_argument("--pool_cache_dir", type=str, default=None, help="Keep every built teacher pool here and reuse it when a later run (same model, table, seeds and pool settings) needs the same one: runs that differ only in training settings build it once.")
     parser.add_argument("--denoising_weight", type=float, nargs="+", default=[0.0], help="λ_i of the denoising loss mixed into Phase 2: one value or one per step.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="Clean images for the denoising loss: Fashion-MNIST IDX files or an image folder (default: the teacher's samples); text-to-image: a captioned imagefolder (metadata.jsonl), whose captions are the prompts.")
@@ -142,10 +142,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--denoising_weight takes 1 value or one per step ({args.nfe}); got {args.denoising_weight}")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0; got {args.learning_rate}")
-    if args.phase2_batch_steps and args.phase2_target != "trajectory":
+    if args.phase2_batch_steps and args.phase2_target not in ("trajectory", "auto"):
         raise ValueError(f"--phase2_batch_steps batches the steps of --phase2_target trajectory; got --phase2_target "
                          f"{args.phase2_target} ({'already one batch' if args.phase2_target == 'interval_average' else 'every step is back-propagated through the next'})")
-    if args.reference_scheduler == "pipeline" and args.phase2_target != "endpoint":
+    if args.reference_scheduler == "pipeline" and args.phase2_target not in ("endpoint", "auto"):
         raise ValueError(f"--reference_scheduler pipeline gives the teacher's endpoints only, and --phase2_target "
                          f"{args.phase2_target} needs its states at every σ; use --phase2_target endpoint")
     if args.divergence_factor != 0 and not args.divergence_factor > 1:
@@ -236,7 +236,7 @@ def load_conditioning(path: Optional[str], device) -> Optional[torch.Tensor]:
 def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
                rows: Optional[Conditioning] = None, teacher: Optional[SigmaDenoiser] = None) -> Dict[str, List[float]]:
     """Phase 1 on the current model: one learned table per NFE, starting from `init` ({nfe: table}) or
-    `--phase1_init`, fitted to the `teacher`'s reference solutions (the model's own when None); the conditioning
+    `--phase1_init`, fitted to the `teacher`'s references (`--reference_scheduler`; the model's own when None); the conditioning
     rows (class labels, or prompts with their negative prompts) are cycled over the training paths."""
     from .optimizer import optimize_schedule
     from .schedules import baseline_sigmas
@@ -249,8 +249,8 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
                                loss="l2", select_by="rmse", validation_size=0, free_last=True,
                                num_iters=args.phase1_iters, batch_size=args.phase1_batch_size,
                                init={int(k): v for k, v in init.items()} if init else args.phase1_init,
-                               reference_steps=args.reference_steps, pool_size=args.phase1_pool_size,
-                               seed=args.seed + 1000 * round_, device=device, progress=False,
+                               reference_steps=args.reference_steps, reference_scheduler=args.reference_scheduler,
+                               pool_size=args.phase1_pool_size, seed=args.seed + 1000 * round_, device=device, progress=False,
                                cond=None if rows is None else rows.cond, uncond=None if rows is None else rows.uncond,
                                reference_denoiser=teacher)
     return {str(n): [float(s) for s in result.tables[n]] for n in args.nfe}
@@ -344,6 +344,7 @@ def main(args: argparse.Namespace) -> str:
         model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
         size = model.config.sample_size
         args.sample_shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    resolve_targets(args, t2i and t2i.encoded)
     args.reference_steps = ((args.reference_steps or REFERENCE_STEPS) if args.reference_scheduler == "ode"
                             else pipeline_steps(args.reference_steps, t2i and t2i.encoded))
     start = starting_tables(args.phase1_init, args.nfe, base_config)  # a folder or peer: resolved (and checked) now
@@ -385,6 +386,7 @@ def main(args: argparse.Namespace) -> str:
     unwrapped = accelerator.unwrap_model(model)
     tuned = denoiser(unwrapped)  # for Phase 1 and evaluation, with the EMA weights
     teacher = denoiser(teacher_module)
+    args.reference = _reference(teacher, args).settings()  # what the targets and the RMSEs are measured against
     labels = load_conditioning(args.conditioning_file, device)
     rows = None if labels is None else Conditioning({"class_labels": labels})
     data = None
@@ -520,6 +522,17 @@ def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dic
     if "net" in ev:
         scores["fd"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
     return scores
+
+
+def resolve_targets(args, encoded=None) -> None:
+    """The default `--reference_scheduler` and `--phase2_target auto` made concrete: `args.reference_scheduler` and
+    `args.phase2_targets` (the target of every count). `encoded`: a text-to-image run's encoded prompts."""
+    if args.reference_scheduler is None:
+        states_wanted = args.phase2_target not in ("auto", "endpoint")
+        args.reference_scheduler = "ode" if states_wanted else default_reference(encoded, quiet=True)
+    args.phase2_targets = {n: auto_target(n, args.reference_scheduler) if args.phase2_target == "auto"
+                           else args.phase2_target for n in args.nfe}
+    logger.info("reference %s; Phase-2 target per count %s", args.reference_scheduler, args.phase2_targets)
 
 
 def _reference(teacher: SigmaDenoiser, args):
@@ -673,7 +686,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
             else:
                 x0 = data[torch.randint(len(data), (len(pick),), generator=gen)].to(device)
             with accelerator.accumulate(model):
-                loss, logs = phase2_loss(student, states, tables[n], args.phase2_target, args.solver, x0=x0,
+                loss, logs = phase2_loss(student, states, tables[n], args.phase2_targets[n], args.solver, x0=x0,
                                          denoising_weights=weights, step_weighting=args.phase2_step_weighting,
                                          generator=gen, loss=args.phase2_loss, batch_steps=args.phase2_batch_steps, **({} if rows is None else rows.rows(row)))
                 accelerator.backward(loss)
@@ -720,8 +733,8 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
     from .text_to_image_training import save_lora
 
     provenance = {"base_model": args.pretrained_model_name_or_path, "phase1_objective": args.phase1_objective,
-                  "phase2_target": args.phase2_target, "rounds": args.rounds, "phase2_steps": args.phase2_steps,
-                  "use_lora": args.use_lora, "metrics": state.metrics}
+                  "phase2_target": {str(n): t for n, t in args.phase2_targets.items()}, "rounds": args.rounds, "phase2_steps": args.phase2_steps,
+                  "use_lora": args.use_lora, "reference": args.reference, "metrics": state.metrics}
     if t2i is not None:
         provenance["text_to_image"] = t2i.provenance()
     scheduler = LearnedScheduleScheduler.from_config(dict(base_config), sigma_tables=state.tables, solver=args.solver,
@@ -741,7 +754,7 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
                     metrics=state.metrics, solver=args.solver, use_lora=args.use_lora, tuned=args.rounds > 0,
                     hub_model_id=args.hub_model_id, step_counts=step_counts,
                     text_to_image=None if t2i is None else t2i.provenance(),
-                    fixed_tables=args.phase1_init if args.phase1_iters == 0 else None)
+                    fixed_tables=args.phase1_init if args.phase1_iters == 0 else None, reference=args.reference)
 
 
 def _save_pipeline(model, scheduler, args) -> None:
