@@ -376,12 +376,13 @@ def test_fixed_tables_skip_phase_one_and_the_reference_row_can_be_left_out(tiny_
     train.main(train.parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1",
                                  "--phase2_steps", "2", "--checkpointing_steps", "100", *FAST, "--phase1_iters", "0",
                                  "--phase1_init", "ddim_trailing", "--phase2_loss", "pseudo_huber",
-                                 "--phase2_batch_steps", "--compare_nfe", "4", "--no-compare_reference"]))
+                                 "--phase2_target", "trajectory", "--no-phase2_batch_steps", "--compare_nfe", "4",
+                                 "--no-compare_reference"]))
     with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
         config = json.load(f)
     expected = baseline_sigmas("ddim_trailing", 2, NoiseSchedule(config)).tolist()
     assert _tables(out)["2"] == pytest.approx(expected, rel=1e-6)
-    assert losses == [("pseudo_huber", True)] * 2
+    assert losses == [("pseudo_huber", False)] * 2  # the default batches the steps: off as asked
     with open(os.path.join(out, "metrics.json")) as f:
         rows = json.load(f)["step_counts"]
     assert [(r["nfe"], r["table"]) for r in rows] == [(2, "learned"), (4, "ddim_trailing")]
@@ -470,11 +471,16 @@ def test_model_card_warns_with_the_numbers_where_the_tuned_model_is_worse():
             in card_text("fmnist", {"4": [1.0, 0.0]}, [], "euler", False, True, "me/x", rows))
 
 
-def test_speed_options_train_the_same_model_on_cpu(tiny_pipeline, tmp_path):
+def test_speed_options_train_the_same_model_on_cpu(tiny_pipeline, tmp_path, monkeypatch):
     """--channels_last --compile --use_fused_adamw on the CPU (compile traces with the 'eager' backend, fused
-    AdamW is left to CUDA): checkpoints save and the weights match the plain run's to float precision."""
+    AdamW is left to CUDA): checkpoints save and the weights match the plain run's to float precision. The
+    trajectory target batches its steps by default."""
+    from diffusers_fewstep import train
     from diffusers_fewstep.checkpoints import checkpoints
     from diffusers_fewstep.train import main, parse_args
+
+    batched, original = [], train.phase2_loss
+    monkeypatch.setattr(train, "phase2_loss", lambda *a, **k: (batched.append(k["batch_steps"]), original(*a, **k))[1])
 
     args = ["--pretrained_model_name_or_path", tiny_pipeline, "--rounds", "1", "--phase2_steps", "3",
             "--checkpointing_steps", "1", *FAST[:-4], "--phase1_iters", "0", "--eval_samples", "0", "--learning_rate", "1e-3",
@@ -486,6 +492,7 @@ def test_speed_options_train_the_same_model_on_cpu(tiny_pipeline, tmp_path):
     counters.clear()
     main(parse_args(args + ["--output_dir", fast, "--channels_last", "--compile", "--use_fused_adamw"]))
     assert counters["stats"]["unique_graphs"] > 0  # the model ran through dynamo
+    assert batched == [True] * 6
     # saving needs the contiguous-weights hook: safetensors refuses channels-last tensors
     assert checkpoints(fast) == ["checkpoint-0", "checkpoint-1", "checkpoint-2", "checkpoint-3"]
     from diffusers import UNet2DModel
