@@ -240,3 +240,20 @@ def test_vendored_sd3_fixture_follows_prompts_with_its_learned_tables():
     logits = net.head(torch.from_numpy(extract_features(net, images["learned"])).float())
     assert (logits.argmax(1) == labels).float().mean() >= 0.8
     assert endpoint_rmse(images["learned"], images["reference"]) < endpoint_rmse(images["euler"], images["reference"])
+
+
+def test_reference_distances_pairs_every_row_with_every_other(tmp_path):
+    """benchmarks/t2i/reference_distances.py on the vendored SD3 fixture (4 prompts): symmetric pixel RMSE between a
+    stock row, the same row at more steps, and the learned tables, through the stock pipeline."""
+    out = tmp_path / "d.json"
+    learned = os.path.join(T2I, "results", "sd3-learned")
+    subprocess.run([sys.executable, os.path.join(T2I, "reference_distances.py"), "--pipeline",
+                    os.path.join(ROOT, "assets", "fmnist-t2i-sd3"), "--n", "4", "--rows", "flow_euler:3",
+                    "flow_euler:12", f"{learned}:3", "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    rmse = json.loads(out.read_text())["rmse"]
+    rows = ["flow_euler:3", "flow_euler:12", f"{learned}:3"]
+    assert set(rmse) == set(rows) and all(set(rmse[a]) == set(rows) - {a} for a in rows)
+    assert all(rmse[a][b] == rmse[b][a] > 0 for a in rows for b in rows if a != b)
+    assert rmse["flow_euler:3"]["flow_euler:12"] < 0.5  # images of one model from one latent, in [-1, 1]
+    median = json.loads(out.read_text())["median_rmse"]
+    assert all(median[a][b] == median[b][a] > 0 for a in rows for b in rows if a != b)
