@@ -695,3 +695,23 @@ def test_auto_settings_resolve_per_count_and_per_pipeline():
     assert resolved("PNDMScheduler", phase2_target="trajectory") == ("ode", {n: "trajectory" for n in (2, 3, 4)})
     assert resolved("PNDMScheduler", reference_scheduler="ode") == ("ode", {2: "endpoint", 3: "trajectory",
                                                                            4: "trajectory"})
+
+
+def test_pool_fit_warning_names_the_counts_that_fit_their_pool():
+    """The fixture's 4-step run of 2026-11-23e: at step 1,000 the pool RMSE (.097) was within 20% of the fresh one
+    (.116) and FD still fell: no warning; at step 2,000 (.079 against .111) FD had stopped: it fires."""
+    from types import SimpleNamespace
+
+    from diffusers_fewstep.train import pool_fit_warning
+
+    args = SimpleNamespace(nfe=[2, 4], pool_size=12288, reference_steps=100, reference_scheduler="ode")
+    early = {"rmse_nfe2": 0.2, "rmse_pool_nfe2": 0.19, "rmse_nfe4": 0.116, "rmse_pool_nfe4": 0.097}
+    late = {**early, "rmse_nfe4": 0.111, "rmse_pool_nfe4": 0.079}
+    assert pool_fit_warning(early, args) == ""
+    assert pool_fit_warning(late, args) == (
+        "Phase 2 is fitting its teacher pool (4 steps: RMSE 0.079 on its trajectories against 0.111 on fresh noises); "
+        "more steps may not help: raise --pool_size (now 12288), or a cheaper teacher for the same time "
+        "(--reference_steps, now 100)")
+    assert pool_fit_warning({"rmse_nfe2": 0.2, "rmse_nfe4": 0.1}, args) == ""  # no pool scored: nothing to say
+    pipeline = SimpleNamespace(**{**vars(args), "reference_scheduler": "pipeline"})
+    assert pool_fit_warning(late, pipeline).endswith("raise --pool_size (now 12288)")

@@ -600,6 +600,27 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
     state.metrics.append(row)
     accelerator.log({k: v for k, v in row.items() if k.startswith(("rmse", "fd"))}, step=state.global_step)
     logger.info("round %d %s: %s", state.round, phase, row)
+    warning = pool_fit_warning(row, args)
+    if warning:
+        logger.warning(warning)
+
+
+POOL_FIT_RATIO = 0.8  # RMSE on the pool below this fraction of the RMSE on fresh noises: the model fits its pool
+
+
+def pool_fit_warning(row: dict, args) -> str:
+    """A warning naming every tuned count whose RMSE on its pool's trajectories (`rmse_pool`) fell below
+    :data:`POOL_FIT_RATIO` × its RMSE on fresh noises (on the fixture at 4 steps, FD stopped improving there:
+    docs/results.md), with what builds a larger pool; "" when none did."""
+    fitted = [n for n in args.nfe if row.get(f"rmse_pool_nfe{n}", float("inf")) < POOL_FIT_RATIO * row[f"rmse_nfe{n}"]]
+    if not fitted:
+        return ""
+    found = "; ".join(f"{n} steps: RMSE {row[f'rmse_pool_nfe{n}']:.3g} on its trajectories against "
+                      f"{row[f'rmse_nfe{n}']:.3g} on fresh noises" for n in fitted)
+    cheaper = (f", or a cheaper teacher for the same time (--reference_steps, now {args.reference_steps})"
+               if args.reference_scheduler == "ode" else "")
+    return (f"Phase 2 is fitting its teacher pool ({found}); more steps may not help: raise --pool_size "
+            f"(now {args.pool_size}){cheaper}")
 
 
 def comparison_tables(args, tables: Dict[str, List[float]], schedule) -> List[Tuple[int, str, str, List[float]]]:
