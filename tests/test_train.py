@@ -536,6 +536,18 @@ def test_lora_output_loads_with_peft(tiny_pipeline, tmp_path):
     merged = tuned.merge_and_unload()
     assert torch.allclose(merged(x, t).sample, after, atol=1e-5)
     assert "PeftModel.from_pretrained" in open(os.path.join(out, "README.md")).read()
+    default = json.load(open(os.path.join(out, "unet_lora", "adapter_config.json")))["target_modules"]
+    assert {"conv1", "conv2", "time_emb_proj"} <= set(default)  # convolutions and time embeddings by default
+    # --lora_layers (diffusers' LoRA scripts' option): only those layers
+    out = str(tmp_path / "lora_attention")
+    main(parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1",
+                     "--phase2_steps", "1", "--use_lora", "--lora_layers", "to_q,to_v", "--checkpointing_steps", "100",
+                     *FAST[:-4], "--phase1_iters", "0", "--eval_samples", "0"]))
+    config = json.load(open(os.path.join(out, "unet_lora", "adapter_config.json")))
+    assert sorted(config["target_modules"]) == ["to_q", "to_v"]
+    with pytest.raises(ValueError, match=r"no Linear/Conv2d layer of UNet2DModel matches the LoRA targets \['to_qq'\]"):
+        main(parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", str(tmp_path / "bad"),
+                         "--use_lora", "--lora_layers", "to_qq", *FAST[:-4]]))
 
 
 def test_class_conditional_model_with_labels_file(tmp_path):

@@ -300,7 +300,7 @@ def lora_target_modules(model: nn.Module, candidates: Sequence[str] = LORA_TARGE
     found -= other
     if not found:
         raise ValueError(f"no {'/'.join(t.__name__ for t in layer_types)} layer of {type(model).__name__} matches "
-                         f"the LoRA targets {list(candidates)}; pass other target_modules")
+                         f"the LoRA targets {list(candidates)}; pass other target_modules (train: --lora_layers)")
     return sorted(found)
 
 

@@ -41,7 +41,7 @@ from .adapter import SigmaDenoiser
 from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error, save_or_stop, set_learning_rate,
                           step_outcome, stop_if_diverged)
 from .data import load_images
-from .finetune import (PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, auto_target,
+from .finetune import (LORA_TARGET_MODULES, PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, auto_target,
                        ema_weights, lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .schedules import starting_tables
 from .model_card import tuning_shortfall
@@ -95,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=None, help="Tune a LoRA adapter (peft) instead of all weights; the teacher is the model with the adapter off (default: on for text-to-image pipelines, off otherwise; --no-use_lora turns it off).")
     parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank.")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (default: the rank).")
+    parser.add_argument("--lora_layers", type=str, default=None, help="The layers that get LoRA adapters, comma separated, as in diffusers' LoRA scripts (e.g. 'to_k,to_q,to_v,to_out.0'; names match as suffixes). Default: attention projections, resnet convolutions and time-embedding projections (finetune.LORA_TARGET_MODULES); text-to-image pipelines: the attention projections, Linear layers only.")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Mixed precision (default: accelerate's config).")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-{step} folder every this many optimiser steps (and after every Phase 1).")
@@ -353,7 +354,10 @@ def main(args: argparse.Namespace) -> str:
     args.clamp_samples = t2i is None  # images in [-1, 1]; latents are not clamped
     if args.use_lora:
         model.requires_grad_(False)
-        targets = None if t2i is None else lora_target_modules(model, TEXT_TO_IMAGE_LORA_MODULES, (torch.nn.Linear,))
+        layers = (args.lora_layers.split(",") if args.lora_layers
+                  else TEXT_TO_IMAGE_LORA_MODULES if t2i is not None else LORA_TARGET_MODULES)
+        kinds = (torch.nn.Linear,) if t2i is not None else (torch.nn.Linear, torch.nn.Conv2d)
+        targets = args.lora_targets = lora_target_modules(model, [name.strip() for name in layers], kinds)
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
                          in_place=t2i is not None)
         if t2i is not None and accelerator.mixed_precision in ("fp16", "bf16"):
