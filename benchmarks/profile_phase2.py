@@ -35,7 +35,7 @@ from diffusers_fewstep.adapter import SigmaDenoiser  # noqa: E402
 from diffusers_fewstep.finetune import (LORA_ATTENTION_MODULES, LORA_TARGET_MODULES, add_lora,  # noqa: E402
                                         lora_target_modules, phase2_loss, teacher_states)
 from diffusers_fewstep.schedules import baseline_sigmas  # noqa: E402
-from diffusers_fewstep.train import _synced, build_pool, compile_backend  # noqa: E402
+from diffusers_fewstep.train import _synced, build_pool, compile_backend, compile_model  # noqa: E402
 
 # name -> settings; "lora": None (full fine-tuning) or the adapter's target set
 VARIANTS = {
@@ -127,7 +127,7 @@ def build_student(args, settings: dict, config: dict):
         unet.to(memory_format=torch.channels_last)
     if settings.get("compile"):
         mode = settings["compile"] if isinstance(settings["compile"], str) else None  # reduce-overhead: CUDA graphs
-        unet.compile(backend=compile_backend(args.device), **({"mode": mode} if mode and args.device != "cpu" else {}))
+        compile_model(unet, args.device, mode)
     params = [p for p in unet.parameters() if p.requires_grad]
     fused = True if settings.get("fused") and torch.device(args.device).type == "cuda" else None
     return SigmaDenoiser(unet, config), torch.optim.AdamW(params, lr=1e-6, fused=fused), params

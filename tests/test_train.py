@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -727,3 +728,17 @@ def test_pool_fit_warning_names_the_counts_that_fit_their_pool():
     assert pool_fit_warning({"rmse_nfe2": 0.2, "rmse_nfe4": 0.1}, args) == ""  # no pool scored: nothing to say
     pipeline = SimpleNamespace(**{**vars(args), "reference_scheduler": "pipeline"})
     assert pool_fit_warning(late, pipeline).endswith("raise --pool_size (now 12288)")
+
+
+def test_compile_mode_reaches_inductor_only():
+    """--compile_mode (CUDA graphs: reduce-overhead) goes to inductor on CUDA; the CPU's eager tracing takes no mode;
+    --compile_mode alone turns compilation on."""
+    from diffusers_fewstep.train import compile_model, parse_args
+
+    calls = []
+    model = SimpleNamespace(compile=lambda **kwargs: calls.append(kwargs))
+    compile_model(model, "cuda", "reduce-overhead")
+    compile_model(model, "cpu", "reduce-overhead")
+    compile_model(model, "cuda")
+    assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "eager"}, {"backend": "inductor"}]
+    assert parse_args(["--compile_mode", "reduce-overhead"]).compile_mode == "reduce-overhead"

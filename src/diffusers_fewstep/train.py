@@ -115,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--channels_last", action="store_true", help="Keep the model in channels-last memory format (convolutions; see benchmarks/profile_phase2.py).")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the trained model's activations block by block in the backward pass (diffusers' enable_gradient_checkpointing): less memory, slower; for large models and for --phase2_target endpoint, which keeps every step's activations.")
     parser.add_argument("--compile", action="store_true", help="torch.compile the trained model: inductor on CUDA; elsewhere only dynamo's tracing (backend 'eager'), as inductor's CPU build takes minutes.")
+    parser.add_argument("--compile_mode", type=str, default=None, choices=["default", "reduce-overhead", "max-autotune"], help="torch.compile mode on CUDA (implies --compile): reduce-overhead replays the step's kernels as CUDA graphs, for steps bound by the host, as on small models.")
     parser.add_argument("--use_fused_adamw", action="store_true", help="AdamW's fused CUDA kernel (ignored off CUDA).")
     parser.add_argument("--report_to", type=str, default=None, help="Tracker(s) for accelerate: tensorboard, wandb, all.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
@@ -460,14 +461,22 @@ def _speed_options(accelerator, model, teacher_module, args) -> None:
         model.to(memory_format=torch.channels_last)
         teacher_module.to(memory_format=torch.channels_last)
         accelerator.register_save_state_pre_hook(_contiguous_weights)
-    if args.compile:
-        logger.info("torch.compile(backend=%r) of the trained model", compile_backend(accelerator.device))
-        model.compile(backend=compile_backend(accelerator.device))
+    if args.compile or args.compile_mode:
+        compile_model(model, accelerator.device, args.compile_mode)
 
 
 def compile_backend(device) -> str:
     """inductor on CUDA; elsewhere dynamo's tracing only ('eager'): inductor's CPU build takes minutes."""
     return "inductor" if torch.device(device).type == "cuda" else "eager"
+
+
+def compile_model(model, device, mode: Optional[str] = None) -> None:
+    """`torch.compile` of `model` in place with :func:`compile_backend`; `mode` (e.g. "reduce-overhead", CUDA graphs)
+    applies to inductor only."""
+    backend = compile_backend(device)
+    kwargs = {"mode": mode} if mode and backend == "inductor" else {}
+    logger.info("torch.compile(backend=%r%s) of the trained model", backend, f", mode={mode!r}" if kwargs else "")
+    model.compile(backend=backend, **kwargs)
 
 
 def _contiguous_weights(models, weights, output_dir) -> None:
