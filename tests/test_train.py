@@ -390,6 +390,7 @@ def test_fixed_tables_skip_phase_one_and_the_reference_row_can_be_left_out(tiny_
     card = open(os.path.join(out, "README.md")).read()  # the card does not call held tables learned
     assert "σ tables held fixed (`ddim_trailing`, not learned" in card and "learned for this model" not in card
     assert "| 0 | tables (held fixed) | 0 |" in card
+    assert "(Phase-2 target: trajectory at 2 steps)" in card  # as asked; the default would say endpoint
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -742,3 +743,10 @@ def test_compile_mode_reaches_inductor_only():
     compile_model(model, "cuda")
     assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "eager"}, {"backend": "inductor"}]
     assert parse_args(["--compile_mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+
+
+def test_targets_text_groups_the_counts_of_each_target():
+    from diffusers_fewstep.model_card import targets_text
+
+    assert targets_text({"8": "trajectory", "2": "endpoint", "4": "trajectory"}) == (
+        "endpoint at 2 steps; trajectory at 4, 8 steps")

@@ -254,7 +254,9 @@ def test_stopped_run_resumes_to_the_uninterrupted_lora(saved, tmp_path):
     assert record["args"]["reference"] == {"reference_scheduler": "pipeline", "reference_solver": scheduler,
                                            "reference_steps": 10}
     assert record["args"]["phase2_targets"] == {"2": "endpoint"}
-    assert f"against the image the pipeline's own {scheduler} makes in 10 steps" in (full / "README.md").read_text()
+    card = (full / "README.md").read_text()
+    assert f"against the image the pipeline's own {scheduler} makes in 10 steps" in card
+    assert "(LoRA adapter) (Phase-2 target: endpoint at 2 steps)" in card
     a, b = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (full, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert max(float(v.abs().max()) for k, v in a.items() if "lora.up" in k) > 1e-4  # up (B) starts at 0: it trained

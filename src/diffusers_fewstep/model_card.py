@@ -79,6 +79,14 @@ def tuning_shortfall(rows: List[dict]) -> str:
             f"table at {found}. Sample the base model with the learned table there, or train longer.")
 
 
+def targets_text(targets: Dict[str, str]) -> str:
+    """"endpoint at 2 steps; trajectory at 4, 8 steps" from `{count: target}`."""
+    by_target: Dict[str, List[str]] = {}
+    for n in sorted(targets, key=int):
+        by_target.setdefault(targets[n], []).append(str(n))
+    return "; ".join(f"{target} at {', '.join(counts)} steps" for target, counts in by_target.items())
+
+
 def reference_text(settings: Optional[dict]) -> str:
     """What a run's targets and RMSEs are measured against, from its reference settings (`reference.Reference.settings`)."""
     settings = settings or {}
@@ -127,9 +135,10 @@ def text_to_image_use(base_model: str, repo_id: str, use_lora: bool, tuned: bool
 def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict], solver: str,
               use_lora: bool, tuned: bool, repo_id: str, step_counts: Optional[List[dict]] = None,
               text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None,
-              reference: Optional[dict] = None) -> str:
+              reference: Optional[dict] = None, targets: Optional[Dict[str, str]] = None) -> str:
     """The card's markdown; `fixed_tables` names the tables of a run that held them fixed (`--phase1_iters 0`),
-    `reference` the settings of what its RMSEs are measured against (:func:`reference_text`)."""
+    `reference` the settings of what its RMSEs are measured against (:func:`reference_text`), `targets` the
+    Phase-2 target of every tuned count."""
     nfes = sorted(int(k) for k in tables)
     if not tuned:
         load = (f'pipe = DDPMPipeline.from_pretrained("{base_model}")  # or your pipeline class\n'
@@ -143,6 +152,8 @@ def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List
     curves_md = f"![learning curves]({CURVES_PLOT})\n" if len(metrics) > 1 else ""
     tables_md = "\n".join(f"- {n} steps: `[" + ", ".join(f"{s:.4g}" for s in tables[str(n)]) + "]`" for n in nfes)
     tuned_on = " and the model tuned on them (LoRA adapter)" if use_lora and tuned else " and the model tuned on them" if tuned else ""
+    if tuned and targets:
+        tuned_on += f" (Phase-2 target: {targets_text(targets)})"
     what = (f"σ tables held fixed (`{fixed_tables}`, not learned: `--phase1_iters 0`){tuned_on}" if fixed_tables
             else f"σ tables learned for this model{tuned_on}")
     use = f"""import diffusers_fewstep  # registers LearnedScheduleScheduler
@@ -190,7 +201,7 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
                     solver: str = "euler", use_lora: bool = False, tuned: bool = True,
                     hub_model_id: Optional[str] = None, step_counts: Optional[List[dict]] = None,
                     text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None,
-                    reference: Optional[dict] = None):
+                    reference: Optional[dict] = None, targets: Optional[Dict[str, str]] = None):
     """Write `README.md` (a `huggingface_hub.ModelCard`) and the σ plot into `output_dir`; returns the card.
     `text_to_image` (a text-to-image run: pipeline class, guidance scale, prompts) gives its loading snippet."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -206,7 +217,7 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
                          + (["text-to-image"] if text_to_image else []))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(base_model, tables, metrics, solver, use_lora,
                                                                     tuned, repo_id, step_counts, text_to_image,
-                                                                    fixed_tables, reference))
+                                                                    fixed_tables, reference, targets))
     card.save(os.path.join(output_dir, "README.md"))
     return card
 

@@ -788,7 +788,8 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
                     metrics=state.metrics, solver=args.solver, use_lora=args.use_lora, tuned=args.rounds > 0,
                     hub_model_id=args.hub_model_id, step_counts=step_counts,
                     text_to_image=None if t2i is None else t2i.provenance(),
-                    fixed_tables=args.phase1_init if args.phase1_iters == 0 else None, reference=args.reference)
+                    fixed_tables=args.phase1_init if args.phase1_iters == 0 else None, reference=args.reference,
+                    targets={str(n): t for n, t in args.phase2_targets.items()})
 
 
 def _save_pipeline(model, scheduler, args) -> None:
