@@ -9,9 +9,9 @@ that is accurate at fewer steps buys a larger pool (less over-fitting) for the s
 import argparse
 import json
 
-import torch
-
 from diffusers_fewstep.adapter import SigmaDenoiser
+from diffusers_fewstep.evaluation import noise_bank
+from diffusers_fewstep.optimizer import _infer_sample_shape
 from diffusers_fewstep.reference import trajectory
 from diffusers_fewstep.schedules import baseline_sigmas
 
@@ -30,8 +30,7 @@ def main():
 
     denoiser = SigmaDenoiser.from_pretrained(args.model).eval()
     table = baseline_sigmas(args.table, args.nfe, denoiser.schedule)
-    size = denoiser.model.config.sample_size
-    noise = torch.randn(args.n, denoiser.model.config.in_channels, size, size, generator=torch.Generator().manual_seed(args.seed))
+    noise = noise_bank(args.n, _infer_sample_shape(denoiser), seed=args.seed)
     fine = trajectory(denoiser, noise, table, args.fine)
     rows = []
     for steps in args.steps:

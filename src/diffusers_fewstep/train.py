@@ -766,8 +766,9 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
     from .scheduler import LearnedScheduleScheduler
     from .text_to_image_training import save_lora
 
+    targets = {str(n): t for n, t in args.phase2_targets.items()}
     provenance = {"base_model": args.pretrained_model_name_or_path, "phase1_objective": args.phase1_objective,
-                  "phase2_target": {str(n): t for n, t in args.phase2_targets.items()}, "rounds": args.rounds, "phase2_steps": args.phase2_steps,
+                  "phase2_target": targets, "rounds": args.rounds, "phase2_steps": args.phase2_steps,
                   "use_lora": args.use_lora, "reference": args.reference, "metrics": state.metrics}
     if t2i is not None:
         provenance["text_to_image"] = t2i.provenance()
@@ -789,7 +790,7 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
                     hub_model_id=args.hub_model_id, step_counts=step_counts,
                     text_to_image=None if t2i is None else t2i.provenance(),
                     fixed_tables=args.phase1_init if args.phase1_iters == 0 else None, reference=args.reference,
-                    targets={str(n): t for n, t in args.phase2_targets.items()})
+                    targets=targets)
 
 
 def _save_pipeline(model, scheduler, args) -> None:
