@@ -390,7 +390,7 @@ def test_fixed_tables_skip_phase_one_and_the_reference_row_can_be_left_out(tiny_
     card = open(os.path.join(out, "README.md")).read()  # the card does not call held tables learned
     assert "σ tables held fixed (`ddim_trailing`, not learned" in card and "learned for this model" not in card
     assert "| 0 | tables (held fixed) | 0 |" in card
-    assert "(Phase-2 target: trajectory at 2 steps)" in card  # as asked; the default would say endpoint
+    assert "(Phase-2 target: trajectory at 2 steps)" in card
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -691,8 +691,8 @@ def test_pipeline_reference_pool_holds_the_start_and_the_pipelines_own_image(tin
 
 
 def test_auto_settings_resolve_per_count_and_per_pipeline():
-    """--phase2_target auto: the endpoint target at ≤ 2 steps, the trajectory target above; the default
-    --reference_scheduler: the pipeline's own image for a text-to-image pipeline with a deterministic scheduler (then every count
+    """--phase2_target auto: the endpoint target at ≤ 2 steps, the trajectory target above, and as the default
+    --reference_scheduler the pipeline's own image for a text-to-image pipeline with a deterministic scheduler (then every count
     trains on the endpoint), the ODE solve otherwise or when the target asks for states."""
     from types import SimpleNamespace
 
@@ -707,6 +707,11 @@ def test_auto_settings_resolve_per_count_and_per_pipeline():
     assert resolved("PNDMScheduler") == ("pipeline", {2: "endpoint", 3: "endpoint", 4: "endpoint"})
     assert resolved("DDPMScheduler") == ("ode", {2: "endpoint", 3: "trajectory", 4: "trajectory"})  # adds noise
     assert resolved("PNDMScheduler", phase2_target="trajectory") == ("ode", {n: "trajectory" for n in (2, 3, 4)})
+    assert resolved("PNDMScheduler", phase2_target="endpoint") == ("ode", {n: "endpoint" for n in (2, 3, 4)})
+    from diffusers_fewstep.train import parse_args
+
+    defaults = parse_args([])  # the defaults: the trajectory target against the ODE solve
+    assert (defaults.phase2_target, defaults.reference_scheduler) == ("trajectory", None)
     assert resolved("PNDMScheduler", reference_scheduler="ode") == ("ode", {2: "endpoint", 3: "trajectory",
                                                                            4: "trajectory"})
 

@@ -240,7 +240,8 @@ def test_stopped_run_resumes_to_the_uninterrupted_lora(saved, tmp_path):
     from diffusers_fewstep.train import main, parse_args
 
     args = ["--pretrained_model_name_or_path", str(saved / "sd"), "--prompts_file", str(saved / "prompts.txt"), *FAST,
-            "--phase2_steps", "4", "--checkpointing_steps", "2", "--eval_samples", "0", "--learning_rate", "1e-2"]
+            "--phase2_steps", "4", "--checkpointing_steps", "2", "--eval_samples", "0", "--learning_rate", "1e-2",
+            "--phase2_target", "auto"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     main(parse_args(args + ["--output_dir", str(full)]))
     main(parse_args(args + ["--output_dir", str(killed), "--stop_after_steps", "3"]))
@@ -248,7 +249,7 @@ def test_stopped_run_resumes_to_the_uninterrupted_lora(saved, tmp_path):
     main(parse_args(args + ["--output_dir", str(killed), "--resume_from_checkpoint", "latest"]))
     tables = [json.loads((d / "scheduler" / "scheduler_config.json").read_text())["sigma_tables"] for d in (full, killed)]
     assert tables[0] == tables[1]
-    # the defaults for a text-to-image pipeline with a deterministic scheduler: its own image is the target
+    # --phase2_target auto for a text-to-image pipeline with a deterministic scheduler: its own image is the target
     record = json.loads((full / "metrics.json").read_text())
     scheduler = json.loads((saved / "sd" / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     assert record["args"]["reference"] == {"reference_scheduler": "pipeline", "reference_solver": scheduler,

@@ -44,7 +44,7 @@ from .reference import trajectory
 
 PHASE2_TARGETS = ("interval_average", "trajectory", "endpoint")
 # --phase2_target auto: the endpoint target up to this many steps, the trajectory target above (measured on the
-# fixture, docs/results.md: at 2 steps FD 0.82 against 3.09, at 4 steps 0.56 against 0.46)
+# fixture only, docs/results.md: at 2 steps FD 0.82 against 3.09, at 4 steps 0.56 against 0.46)
 ENDPOINT_TARGET_MAX_STEPS = 2
 PHASE2_LOSSES = ("l2", "pseudo_huber")
 # layers of diffusers UNets that get LoRA adapters: attention projections, resnet convolutions,

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--phase1_batch_size", type=int, default=128, help="Noises per Phase-1 step.")
     parser.add_argument("--phase1_pool_size", type=int, default=None, help="Noises (with teacher references) Phase 1 draws its batches from (default: optimize_schedule's).")
     parser.add_argument("--phase1_init", type=str, default="ddim_trailing", help="Tables Phase 1 starts from (held fixed with --phase1_iters 0): a hand-made one (ddim_trailing, karras, loguniform, ddim_leading), peer:<diffusers scheduler> or a folder of learned tables (an optimize output).")
-    parser.add_argument("--phase2_target", type=str, default="auto", choices=["auto", *PHASE2_TARGETS], help="Phase-2 target: the teacher's interval average at its own states, the landing D at the solver's states, or the teacher's endpoint at the end of the whole solve (back-propagated through every step); auto (default): endpoint at 2 steps or fewer and with --reference_scheduler pipeline, trajectory otherwise (finetune.auto_target).")
+    parser.add_argument("--phase2_target", type=str, default="trajectory", choices=["auto", *PHASE2_TARGETS], help="Phase-2 target: the teacher's interval average at its own states, the landing D at the solver's states, or the teacher's endpoint at the end of the whole solve (back-propagated through every step); auto: endpoint at 2 steps or fewer and with --reference_scheduler pipeline, trajectory otherwise (finetune.auto_target; what won on the Fashion-MNIST fixture, not yet compared on other model families), and for a text-to-image pipeline the pipeline's own image as the teacher.")
     parser.add_argument("--phase2_batch_steps", action=argparse.BooleanOptionalAction, default=None, help="Counts trained with the trajectory target: the student's solve without gradients, then all N steps in one batched call with gradients (the same loss and gradient; with dropout, fresh masks for the batched call; a 4-step step on the fixture took 196 instead of 270 ms on an H100). On by default; --no-phase2_batch_steps runs the steps one by one (less memory: one step's activations at a time).")
     parser.add_argument("--phase2_loss", type=str, default="l2", choices=list(PHASE2_LOSSES), help="Per-sample distance of the Phase-2 target losses: squared error, or pseudo-Huber (√(MSE + c²) − c, as consistency training).")
     parser.add_argument("--phase2_step_weighting", type=str, default="propagated", choices=["propagated", "uniform"], help="Weights of the per-step losses: the squared propagation of each D error to the sample, or uniform.")
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pool_size", type=int, default=4096, help="Teacher trajectories drawn per NFE and round (split over processes).")
     parser.add_argument("--pool_batch_size", type=int, default=512, help="Batch size of the teacher solves that build the pool.")
     parser.add_argument("--reference_steps", type=int, default=None, help="Steps of the teacher's reference (default: ode 200; pipeline: the pipeline's own num_inference_steps, SD 50, SD3 28).")
-    parser.add_argument("--reference_scheduler", type=str, default=None, choices=["ode", "pipeline"], help="What the teacher's endpoints are: its DPM-Solver++(2M) solve of the ODE, or the image the pipeline itself makes from the same noise (its own diffusers scheduler at --reference_steps, as optimize --reference-scheduler pipeline); pipeline gives endpoints only, so it needs --phase2_target endpoint (or auto). Default: pipeline for a text-to-image pipeline whose scheduler is deterministic, unless --phase2_target asks for states; else ode.")
+    parser.add_argument("--reference_scheduler", type=str, default=None, choices=["ode", "pipeline"], help="What the teacher's endpoints are: its DPM-Solver++(2M) solve of the ODE, or the image the pipeline itself makes from the same noise (its own diffusers scheduler at --reference_steps, as optimize --reference-scheduler pipeline); pipeline gives endpoints only, so it needs --phase2_target endpoint (or auto). Default: ode; with --phase2_target auto, pipeline for a text-to-image pipeline whose scheduler is deterministic.")
     parser.add_argument("--pool_cache_dir", type=str, default=None, help="Keep every built teacher pool here and reuse it when a later run (same model, table, seeds and pool settings) needs the same one: runs that differ only in training settings build it once.")
     parser.add_argument("--denoising_weight", type=float, nargs="+", default=[0.0], help="λ_i of the denoising loss mixed into Phase 2: one value or one per step.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="Clean images for the denoising loss: Fashion-MNIST IDX files or an image folder (default: the teacher's samples); text-to-image: a captioned imagefolder (metadata.jsonl), whose captions are the prompts.")
@@ -538,11 +538,11 @@ def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dic
 
 
 def resolve_targets(args, encoded=None) -> None:
-    """The default `--reference_scheduler` and `--phase2_target auto` made concrete: `args.reference_scheduler` and
-    `args.phase2_targets` (the target of every count). `encoded`: a text-to-image run's encoded prompts."""
+    """The default `--reference_scheduler` and `--phase2_target auto` made concrete: `args.reference_scheduler` (the
+    ODE; with `auto`, the pipeline's own image where `reference.default_reference` picks it) and `args.phase2_targets`
+    (the target of every count). `encoded`: a text-to-image run's encoded prompts."""
     if args.reference_scheduler is None:
-        states_wanted = args.phase2_target not in ("auto", "endpoint")
-        args.reference_scheduler = "ode" if states_wanted else default_reference(encoded, quiet=True)
+        args.reference_scheduler = default_reference(encoded, quiet=True) if args.phase2_target == "auto" else "ode"
     args.phase2_targets = {n: auto_target(n, args.reference_scheduler) if args.phase2_target == "auto"
                            else args.phase2_target for n in args.nfe}
     logger.info("reference %s; Phase-2 target per count %s", args.reference_scheduler, args.phase2_targets)
