@@ -282,8 +282,9 @@ def cached_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, k
         return {k: v.to(device) if k == "states" else v for k, v in torch.load(path).items()}
     pool = build_pool(teacher, sigmas, size, args, _generator(*keys), device, rows)
     os.makedirs(args.pool_cache_dir, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in pool.items()}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # whole or absent, should the run be killed while saving
+    part = f"{path}.{os.getpid()}.tmp"  # runs of one call building the same pool side by side write apart
+    torch.save({k: v.cpu() for k, v in pool.items()}, part)
+    os.replace(part, path)  # whole or absent, should the run be killed while saving
     return pool
 
 
