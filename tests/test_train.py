@@ -12,7 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "train_fewstep.py")
 # small everything: 8×8 images, 10-step references, a few optimiser steps
-FAST = ["--nfe", "2", "--phase1_iters", "2", "--phase1_batch_size", "8", "--phase1_pool_size", "8",
+FAST = ["--nfe", "2", "--phase1_iters", "2", "--phase1_batch_size", "8", "--phase1_pool_size", "8", "--phase1_validation_size", "8",
         "--pool_size", "16", "--pool_batch_size", "16", "--train_batch_size", "8", "--reference_steps", "10",
         "--eval_samples", "8", "--learning_rate", "1e-3"]
 
@@ -98,7 +98,7 @@ def test_two_processes_train_one_model(tiny_pipeline, tmp_path):
 def _resume_args(tiny_pipeline):
     return ["--pretrained_model_name_or_path", tiny_pipeline, "--rounds", "1", "--phase2_steps", "4",
             "--checkpointing_steps", "2", "--use_ema", "--gradient_accumulation_steps", "2", "--eval_samples", "0",
-            *FAST[:-4], "--learning_rate", "1e-3"]
+            *FAST[:-4], "--learning_rate", "1e-3", "--phase1_init", "ddim_leading"]  # a poor start: Phase 1 replaces it
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_pipeline, uninterru
 
 
 def test_the_uninterrupted_run_trained_and_learned(tiny_pipeline, uninterrupted):
-    """The resume comparisons are not vacuous: the tables moved from the DDIM-trailing start and the weights changed."""
+    """The resume comparisons are not vacuous: Phase 1 replaced the DDIM-leading start (it starts at σ(500), far
+    below σ_max) and the weights changed."""
     from diffusers import UNet2DModel
 
     from diffusers_fewstep.adapter import NoiseSchedule
@@ -193,8 +194,8 @@ def test_the_uninterrupted_run_trained_and_learned(tiny_pipeline, uninterrupted)
     from diffusers_fewstep.schedules import baseline_sigmas
 
     schedule = NoiseSchedule(load_json(os.path.join(tiny_pipeline, "scheduler", "scheduler_config.json")))
-    start = baseline_sigmas("ddim_trailing", 2, schedule).tolist()
-    assert abs(_tables(uninterrupted)["2"][1] - start[1]) > 1e-3 * start[1]
+    start = baseline_sigmas("ddim_leading", 2, schedule).tolist()
+    assert abs(_tables(uninterrupted)["2"][0] - start[0]) > 0.5 * start[0]
     base = UNet2DModel.from_pretrained(tiny_pipeline, subfolder="unet").state_dict()
     tuned = _weights(uninterrupted)
     assert max(float((tuned[k] - base[k]).abs().max()) for k in tuned) > 1e-5
@@ -710,8 +711,8 @@ def test_auto_settings_resolve_per_count_and_per_pipeline():
     assert resolved("PNDMScheduler", phase2_target="endpoint") == ("ode", {n: "endpoint" for n in (2, 3, 4)})
     from diffusers_fewstep.train import parse_args
 
-    defaults = parse_args([])  # the defaults: the trajectory target against the ODE solve
-    assert (defaults.phase2_target, defaults.reference_scheduler) == ("trajectory", None)
+    defaults = parse_args([])  # the defaults: auto, one round, the table held fixed
+    assert (defaults.phase2_target, defaults.reference_scheduler, defaults.rounds, defaults.phase1_iters) == ("auto", None, 1, 0)
     assert resolved("PNDMScheduler", reference_scheduler="ode") == ("ode", {2: "endpoint", 3: "trajectory",
                                                                            4: "trajectory"})
 

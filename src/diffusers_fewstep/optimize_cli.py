@@ -17,7 +17,7 @@ from .objectives import LOSSES
 from .optimizer import METHODS, OBJECTIVES, ScheduleResult, _infer_sample_shape, optimize_schedule
 from .checks import UsageError
 from .schedules import starting_tables
-from .selection import MEASURES, check_measure
+from .selection import MEASURES, check_measure, phase1_measures
 
 # defaults by device: the reference solves and the held-out scoring dominate, and a CPU is ~100× slower
 GPU_DEFAULTS = {"batch_size": 64, "reference_steps": 200, "pool_size": 512, "validation_size": 512, "max_iters": 60,
@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     existing_config = read_scheduler_tables(args.output_dir)
     t2i = load_from_args(args, device)  # a text-to-image pipeline with prompts, or None
-    args.loss = args.loss or ("l2" if t2i is not None else "feature")
-    args.select_by = args.select_by or ("rmse" if t2i is not None else "fd_self")
+    loss, select_by = phase1_measures(t2i is not None)
+    args.loss, args.select_by = args.loss or loss, args.select_by or select_by
     args.reference_scheduler = args.reference_scheduler or default_reference(t2i, args.quiet)
     if t2i is not None:
         denoiser, config, cond, uncond = t2i.denoiser, t2i.scheduler_config, t2i.cond, t2i.uncond

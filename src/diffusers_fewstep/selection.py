@@ -28,6 +28,13 @@ from .solvers import sample
 MEASURES = ("rmse", "feature", "fd_self", "fd_data")
 
 
+def phase1_measures(text_to_image: bool) -> tuple:
+    """Phase 1's default (loss, held-out measure): the model's own features (`feature`, `fd_self`), and for
+    text-to-image pipelines `l2` and `rmse`, which kept tables closer to the pipeline's own images on the SD fixture
+    (docs/results.md, "Learned tables on the text-to-image fixture")."""
+    return ("l2", "rmse") if text_to_image else ("feature", "fd_self")
+
+
 def _select_cond(cond: Optional[dict], idx: torch.Tensor) -> Optional[dict]:
     """Per-path conditioning: tensors with one row are broadcast, others indexed (cyclically) by path."""
     if cond is None:

@@ -1,10 +1,12 @@
-"""Alternate Phase 1 (learn σ tables) and Phase 2 (tune the model on them) under `accelerate launch`.
+"""Phase 2 (tune the model on σ tables), alternated with Phase 1 (learn the tables) on request, under `accelerate launch`.
 
-    accelerate launch scripts/train_fewstep.py --nfe 4 6 --rounds 2 --output_dir fmnist-fewstep
+    accelerate launch scripts/train_fewstep.py --nfe 4 --output_dir fmnist-fewstep
 
-Round r runs Phase 1 (:func:`diffusers_fewstep.optimizer.optimize_schedule` on the current, EMA
-model) and then Phase 2 (:mod:`diffusers_fewstep.finetune`, `--phase2_steps` optimiser steps);
-a final Phase 1 re-learns the tables for the tuned model. Conventions follow diffusers'
+By default one round of Phase 2 (:mod:`diffusers_fewstep.finetune`, `--phase2_steps` optimiser steps) on the
+`--phase1_init` tables held fixed (DDIM trailing): alternating lost to it on the fixture (docs/training.md). With
+`--phase1_iters N` every round starts with Phase 1 (:func:`diffusers_fewstep.optimizer.optimize_schedule` on the current,
+EMA model: the current table, the stock ones and learned ones scored on held-out noises, the best kept) and a final
+Phase 1 re-selects the tables for the tuned model. Conventions follow diffusers'
 `examples/unconditional_image_generation/train_unconditional.py`: `checkpoint-{step}` folders,
 `--checkpoints_total_limit`, `--resume_from_checkpoint latest`, trackers through `--report_to`,
 `--push_to_hub`. Every random draw comes from a generator seeded by (seed, round, step), so a
@@ -47,7 +49,7 @@ from .schedules import starting_tables
 from .model_card import tuning_shortfall
 from .reference import REFERENCE_STEPS, default_reference, pipeline_steps, start_state
 from .reference import choose as choose_reference
-from .selection import extra_args
+from .selection import extra_args, phase1_measures
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
 from .text_to_image_training import check_arguments as check_text_to_image_arguments
 
@@ -60,15 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_MODEL, help="Pipeline folder or Hub id of the model (default: the vendored Fashion-MNIST DPM).")
     parser.add_argument("--nfe", type=int, nargs="+", default=[4], help="Step counts (model evaluations) to learn tables for.")
     parser.add_argument("--solver", type=str, default="euler", choices=list(solvers.SOLVERS), help="Few-step solver the tables and the model are tuned for.")
-    parser.add_argument("--rounds", type=int, default=2, help="Phase-2 rounds; Phase 1 runs before each and once more at the end (0: Phase 1 only).")
+    parser.add_argument("--rounds", type=int, default=1, help="Phase-2 rounds; Phase 1 runs before each and once more at the end (0: Phase 1 only). Alternating (2 rounds with --phase1_iters 150) lost to a fixed table on the fixture (docs/training.md).")
     parser.add_argument("--output_dir", type=str, default="fewstep-model", help="Where checkpoints and the final model go.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of every random draw (noises, batches, Phase 1).")
     parser.add_argument("--phase1_objective", type=str, default="trajectory", help="Phase-1 objective (see `diffusers-fewstep optimize`).")
-    parser.add_argument("--phase1_iters", type=int, default=150, help="Adam steps of Phase 1 per NFE and round.")
+    parser.add_argument("--phase1_iters", type=int, default=0, help="Adam steps of Phase 1 per NFE and round (e.g. 150); 0 (default): the --phase1_init tables held fixed, what won on the fixture.")
+    parser.add_argument("--phase1_validation_size", type=int, default=512, help="Held-out noises that score every Phase-1 candidate (the current table, the stock ones, the learned ones) to keep the best; 0: keep the learned table unscored.")
     parser.add_argument("--phase1_batch_size", type=int, default=128, help="Noises per Phase-1 step.")
     parser.add_argument("--phase1_pool_size", type=int, default=None, help="Noises (with teacher references) Phase 1 draws its batches from (default: optimize_schedule's).")
     parser.add_argument("--phase1_init", type=str, default="ddim_trailing", help="Tables Phase 1 starts from (held fixed with --phase1_iters 0): a hand-made one (ddim_trailing, karras, loguniform, ddim_leading), peer:<diffusers scheduler> or a folder of learned tables (an optimize output).")
-    parser.add_argument("--phase2_target", type=str, default="trajectory", choices=["auto", *PHASE2_TARGETS], help="Phase-2 target: the teacher's interval average at its own states, the landing D at the solver's states, or the teacher's endpoint at the end of the whole solve (back-propagated through every step); auto: endpoint at 2 steps or fewer and with --reference_scheduler pipeline, trajectory otherwise (finetune.auto_target; what won on the Fashion-MNIST fixture, not yet compared on other model families), and for a text-to-image pipeline the pipeline's own image as the teacher.")
+    parser.add_argument("--phase2_target", type=str, default="auto", choices=["auto", *PHASE2_TARGETS], help="Phase-2 target: the teacher's interval average at its own states, the landing D at the solver's states, or the teacher's endpoint at the end of the whole solve (back-propagated through every step); auto (default): endpoint at 2 steps or fewer and with --reference_scheduler pipeline, trajectory otherwise (finetune.auto_target; the smallest worst case over three model families, docs/training.md), and for a text-to-image pipeline the pipeline's own image as the teacher.")
     parser.add_argument("--phase2_batch_steps", action=argparse.BooleanOptionalAction, default=None, help="Counts trained with the trajectory target: the student's solve without gradients, then all N steps in one batched call with gradients (the same loss and gradient; with dropout, fresh masks for the batched call; a 4-step step on the fixture took 196 instead of 270 ms on an H100). On by default; --no-phase2_batch_steps runs the steps one by one (less memory: one step's activations at a time).")
     parser.add_argument("--phase2_loss", type=str, default="l2", choices=list(PHASE2_LOSSES), help="Per-sample distance of the Phase-2 target losses: squared error, or pseudo-Huber (√(MSE + c²) − c, as consistency training).")
     parser.add_argument("--phase2_step_weighting", type=str, default="propagated", choices=["propagated", "uniform"], help="Weights of the per-step losses: the squared propagation of each D error to the sample, or uniform.")
@@ -77,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pool_size", type=int, default=4096, help="Teacher trajectories drawn per NFE and round (split over processes).")
     parser.add_argument("--pool_batch_size", type=int, default=512, help="Batch size of the teacher solves that build the pool.")
     parser.add_argument("--reference_steps", type=int, default=None, help="Steps of the teacher's reference (default: ode 200; pipeline: the pipeline's own num_inference_steps, SD 50, SD3 28).")
-    parser.add_argument("--reference_scheduler", type=str, default=None, choices=["ode", "pipeline"], help="What the teacher's endpoints are: its DPM-Solver++(2M) solve of the ODE, or the image the pipeline itself makes from the same noise (its own diffusers scheduler at --reference_steps, as optimize --reference-scheduler pipeline); pipeline gives endpoints only, so it needs --phase2_target endpoint (or auto). Default: ode; with --phase2_target auto, pipeline for a text-to-image pipeline whose scheduler is deterministic.")
+    parser.add_argument("--reference_scheduler", type=str, default=None, choices=["ode", "pipeline"], help="What the teacher's endpoints are: its DPM-Solver++(2M) solve of the ODE, or the image the pipeline itself makes from the same noise (its own diffusers scheduler at --reference_steps, as optimize --reference-scheduler pipeline); pipeline gives endpoints only, so it needs --phase2_target endpoint (or auto). Default: with --phase2_target auto (the default), pipeline for a text-to-image pipeline whose scheduler is deterministic, ode otherwise; with another target, ode.")
     parser.add_argument("--pool_cache_dir", type=str, default=None, help="Keep every built teacher pool here and reuse it when a later run (same model, table, seeds and pool settings) needs the same one: runs that differ only in training settings build it once.")
     parser.add_argument("--denoising_weight", type=float, nargs="+", default=[0.0], help="λ_i of the denoising loss mixed into Phase 2: one value or one per step.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="Clean images for the denoising loss: Fashion-MNIST IDX files or an image folder (default: the teacher's samples); text-to-image: a captioned imagefolder (metadata.jsonl), whose captions are the prompts.")
@@ -236,21 +239,25 @@ def load_conditioning(path: Optional[str], device) -> Optional[torch.Tensor]:
 
 # --- phases -------------------------------------------------------------------------------------
 def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
-               rows: Optional[Conditioning] = None, teacher: Optional[SigmaDenoiser] = None) -> Dict[str, List[float]]:
-    """Phase 1 on the current model: one learned table per NFE, starting from `init` ({nfe: table}) or
-    `--phase1_init`, fitted to the `teacher`'s references (`--reference_scheduler`; the model's own when None); the conditioning
-    rows (class labels, or prompts with their negative prompts) are cycled over the training paths."""
+               rows: Optional[Conditioning] = None, teacher: Optional[SigmaDenoiser] = None,
+               text_to_image: bool = False) -> Dict[str, List[float]]:
+    """Phase 1 on the current model: `optimize`'s Phase 1 for `--solver` (both ends of every table fixed), from the
+    current tables, `init` ({nfe: table}) or `--phase1_init`; the current table, the stock ones and the learned ones
+    are scored on `--phase1_validation_size` held-out noises and the best is kept (the current one on a tie), fitted to
+    the `teacher`'s references (`--reference_scheduler`; the model's own when None). The conditioning rows (class
+    labels, or prompts with their negative prompts) are cycled over the paths."""
     from .optimizer import optimize_schedule
     from .schedules import baseline_sigmas
 
+    current = {n: [float(s) for s in (init[str(n)] if init else baseline_sigmas(args.phase1_init, n, denoiser.schedule))]
+               for n in args.nfe}
     if args.phase1_iters == 0:  # tables held fixed: no reference solves
-        return {str(n): [float(s) for s in (init[str(n)] if init else baseline_sigmas(args.phase1_init, n, denoiser.schedule))]
-                for n in args.nfe}
-    # the table of a fixed solver, learned on from the previous round's (σ_N−1 free, no held-out selection)
+        return {str(n): table for n, table in current.items()}
+    loss, select_by = phase1_measures(text_to_image)
     result = optimize_schedule(denoiser, nfes=list(args.nfe), solver=args.solver, objective=args.phase1_objective,
-                               loss="l2", select_by="rmse", validation_size=0, free_last=True,
-                               num_iters=args.phase1_iters, batch_size=args.phase1_batch_size,
-                               init={int(k): v for k, v in init.items()} if init else args.phase1_init,
+                               loss=loss, select_by=select_by, validation_size=args.phase1_validation_size,
+                               num_iters=args.phase1_iters, batch_size=args.phase1_batch_size, init=current,
+                               existing={n: (table, args.solver) for n, table in current.items()},
                                reference_steps=args.reference_steps, reference_scheduler=args.reference_scheduler,
                                pool_size=args.phase1_pool_size, seed=args.seed + 1000 * round_, device=device, progress=False,
                                cond=None if rows is None else rows.cond, uncond=None if rows is None else rows.uncond,
@@ -352,6 +359,7 @@ def main(args: argparse.Namespace) -> str:
                             else pipeline_steps(args.reference_steps, t2i and t2i.encoded))
     start = starting_tables(args.phase1_init, args.nfe, base_config)  # a folder or peer: resolved (and checked) now
     args.start_tables = {str(n): t for n, t in start.items()} if isinstance(start, dict) else None
+    args.text_to_image = t2i is not None
     args.use_lora = t2i is not None if args.use_lora is None else args.use_lora
     args.clamp_samples = t2i is None  # images in [-1, 1]; latents are not clamped
     if args.use_lora:
@@ -677,7 +685,7 @@ def _phase1(accelerator, args, state, tuned, teacher, ema, rows, broadcast_objec
         with ema_weights(ema, _trainable(tuned.model)):
             t0 = time.time()
             tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or args.start_tables,
-                                   rows=rows, teacher=teacher)
+                                   rows=rows, teacher=teacher, text_to_image=args.text_to_image)
             logger.info("round %d phase 1: %.1f s, tables %s", state.round, time.time() - t0, tables[0])
     if accelerator.num_processes > 1:
         tables = broadcast_object_list(tables)
