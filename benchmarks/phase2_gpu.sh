@@ -55,7 +55,7 @@ train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
   local rc=$?
   stamp "$name rc=$rc: $(grep -o "'samples_per_s': [0-9.]*" "$W/logs/$name.log" | tail -1)" \
     "$(grep -o "'fd_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -${#nfes} | tr '\n' ' ')"
-  grep -o "'global_step': [0-9]*\|'\(fd\|rmse\|rmse_pool\)_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" \
+  grep -o "'global_step': [0-9]*\|'loss_max': [0-9.e+-]*\|'\(fd\|rmse\|rmse_pool\)_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" \
     | tr -d "'" | awk '/global_step/ {if (line) print line; line = $0; next} {line = line ", " $0} END {print line}'
   cp "$W/logs/$name.log" "$OUT/" 2>/dev/null
   if [ "${KEEP_MODEL:-0}" = 1 ] && [ -d "$out/unet" ]; then

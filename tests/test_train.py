@@ -81,7 +81,7 @@ def test_accelerate_launch_output_loads_into_a_pipeline_and_samples(tiny_pipelin
 
 def test_two_processes_train_one_model(tiny_pipeline, tmp_path):
     """accelerate launch --num_processes 2 (CPU, gloo): both processes step one model on their shares of the pool,
-    the evaluations run on the main process, and every Phase-2 row carries the throughput."""
+    the evaluations run on the main process, and every Phase-2 row carries the throughput and its losses."""
     out = str(tmp_path / "out")
     _launch("--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1", "--phase2_steps", "4",
             "--eval_steps", "2", "--checkpointing_steps", "100", "--use_ema", "--no-compare_reference",
@@ -93,6 +93,9 @@ def test_two_processes_train_one_model(tiny_pipeline, tmp_path):
     assert [(m["phase"], m["global_step"]) for m in rows] == [("phase1", 0), ("phase2", 2), ("phase2", 4)]
     assert record["args"]["train_batch_size"] == 8 and all(m["samples_per_s"] > 0 for m in rows[1:])
     assert rows[2]["rmse_nfe2"] != rows[0]["rmse_nfe2"]  # the model moved
+    # each Phase-2 row summarises the losses of its own two steps
+    assert "loss_mean" not in rows[0] and all(0 < m["loss_mean"] <= m["loss_max"] for m in rows[1:])
+    assert rows[1]["loss_mean"] != rows[2]["loss_mean"]
 
 
 def _resume_args(tiny_pipeline):

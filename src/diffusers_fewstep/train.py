@@ -178,6 +178,7 @@ class TrainState:
         self.metrics: List[dict] = []
         self.divergence: dict = {}
         self.timing = dict(NO_TIME)  # Phase 2: seconds building teacher pools, seconds and count of optimiser steps
+        self.losses: List[float] = []  # Phase-2 losses since the last evaluation (not checkpointed)
 
     def state_dict(self) -> dict:
         return {"round": self.round, "phase": self.phase, "global_step": self.global_step,
@@ -198,6 +199,15 @@ class TrainState:
             return {}
         return {"pool_s": round(self.timing["pool_s"], 1),
                 "samples_per_s": round(self.timing["steps"] * global_batch / self.timing["step_s"], 1)}
+
+    def loss_summary(self) -> dict:
+        """Mean and largest Phase-2 loss since the last call (a transient between two evaluations shows in the
+        largest), and a fresh window."""
+        if not self.losses:
+            return {}
+        summary = {"loss_mean": float(sum(self.losses) / len(self.losses)), "loss_max": float(max(self.losses))}
+        self.losses = []
+        return summary
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -613,7 +623,8 @@ def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev
         return
     row = {"round": state.round, "phase": phase, "global_step": state.global_step,
            "elapsed_s": round(time.time() - args.start_time, 1),
-           **state.throughput(args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes)}
+           **state.throughput(args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes),
+           **state.loss_summary()}
     with _eval_mode(tuned.model):
         for n in args.nfe:
             row.update({f"{k}_nfe{n}": v for k, v in _scores(tuned, state.tables[str(n)], args.solver, ev, args).items()})
@@ -746,6 +757,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
         loss, stop = step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)  # waits for the GPU
         state.timing["step_s"] += time.perf_counter() - start
         state.timing["steps"] += 1
+        state.losses.append(loss)
         logs = {k: float(v) for k, v in logs.items()}  # the device is done with the step: no wait
         logs.update(loss=loss, lr=lr_scheduler.get_last_lr()[0], nfe=n, round=state.round)
         accelerator.log(logs, step=state.global_step)
