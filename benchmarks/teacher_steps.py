@@ -10,8 +10,7 @@ import argparse
 import json
 
 from diffusers_fewstep.adapter import SigmaDenoiser
-from diffusers_fewstep.evaluation import noise_bank
-from diffusers_fewstep.optimizer import _infer_sample_shape
+from diffusers_fewstep.evaluation import noise_bank, sample_shape
 from diffusers_fewstep.reference import trajectory
 from diffusers_fewstep.schedules import baseline_sigmas
 
@@ -30,7 +29,7 @@ def main():
 
     denoiser = SigmaDenoiser.from_pretrained(args.model).eval()
     table = baseline_sigmas(args.table, args.nfe, denoiser.schedule)
-    noise = noise_bank(args.n, _infer_sample_shape(denoiser), seed=args.seed)
+    noise = noise_bank(args.n, sample_shape(denoiser), seed=args.seed)
     fine = trajectory(denoiser, noise, table, args.fine)
     rows = []
     for steps in args.steps:

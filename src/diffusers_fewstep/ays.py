@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .evaluation import endpoint_rmse, generate, noise_bank, reference_samples
+from .evaluation import endpoint_rmse, generate, noise_bank, reference_samples, sample_shape
 from .reference import autocast_context
 from .schedules import interpolate_sigmas, karras_sigmas, loguniform_sigmas
 
@@ -192,9 +192,8 @@ def ays_sigmas(denoiser, nfes: Iterable[int], num_samples: int = 256, grid_size:
             `num_samples` noises drawn with `seed`.
         proxy_samples (`int`): reference samples of the early-stopping proxy (0 turns early stopping off).
     """
-    from .peers import _sample_shape  # peers imports this module for its registry
 
-    schedule, shape = denoiser.schedule, _sample_shape(denoiser)
+    schedule, shape = denoiser.schedule, sample_shape(denoiser)
     noise = noise_bank(num_samples if x0 is None else proxy_samples, shape, seed=seed, device=device)
     reference = reference_samples(denoiser, noise, batch_size=batch_size) if (x0 is None or proxy_samples) else None
     x0 = reference if x0 is None else x0.to(device)

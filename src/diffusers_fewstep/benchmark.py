@@ -127,7 +127,7 @@ class Harness:
             test = ev.fmnist_images(args.data, "test").to(self.device)
             self.test_stats["fid_inception"] = ev.feature_statistics(
                 ev.extract_features(self.feature_nets["fid_inception"], test, args.batch_size))
-        self.noise = ev.noise_bank(args.n, peers._sample_shape(denoiser), device=self.device)
+        self.noise = ev.noise_bank(args.n, ev.sample_shape(denoiser), device=self.device)
         with ev.measure_cost(self.device, denoiser) as cost:
             self.reference = ev.reference_samples(denoiser, self.noise, batch_size=args.batch_size)
         self.reference_metrics = {**self.metrics(self.reference), "sample_seconds": cost.seconds}

@@ -32,6 +32,20 @@ NOISE_SEED = 1234
 
 
 # --- noise and generation ---------------------------------------------------------------------
+def sample_shape(denoiser) -> Tuple[int, ...]:
+    """One sample's shape `(C, H, W)`: the denoiser's `sample_shape` where it states one (text-to-image latents, test
+    models), else its diffusers model config's `in_channels` and `sample_size`."""
+    shape = getattr(denoiser, "sample_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    config = getattr(getattr(denoiser, "model", None), "config", None)
+    if config is not None and "sample_size" in config and "in_channels" in config:
+        size = config["sample_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (config["in_channels"], *size)
+    raise ValueError("cannot infer the sample shape from the denoiser; pass sample_shape=(C, H, W)")
+
+
 def noise_bank(n: int, shape: Sequence[int] = (1, 32, 32), seed: int = NOISE_SEED, device="cpu") -> torch.Tensor:
     """Native initial noise ε ~ N(0, I) of shape (n, *shape), drawn on `device` from a seeded generator
     (so a CUDA bank equals BENCHMARK.md's peer noise bit for bit)."""

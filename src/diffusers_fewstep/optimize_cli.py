@@ -14,7 +14,8 @@ import os
 import torch
 
 from .objectives import LOSSES
-from .optimizer import METHODS, OBJECTIVES, ScheduleResult, _infer_sample_shape, optimize_schedule
+from .evaluation import sample_shape
+from .optimizer import METHODS, OBJECTIVES, ScheduleResult, optimize_schedule
 from .checks import UsageError
 from .schedules import starting_tables
 from .selection import MEASURES, check_measure, phase1_measures
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, config = load_model_and_scheduler_config(args.model)
         denoiser, cond, uncond = SigmaDenoiser(model.to(device).eval(), config), None, None
-    data = load_images(args.data, _infer_sample_shape(denoiser)) if args.data else None
+    data = load_images(args.data, sample_shape(denoiser)) if args.data else None
     base_model = portable_model_ref(args.model)
     existing = {} if args.overwrite else existing_tables(existing_config)
     status = {}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import learning, objectives, reference
+from . import evaluation, learning, objectives, reference
 from .learning import MonotoneSigmas  # noqa: F401  (part of this module's API)
 from .schedules import baseline_sigmas, stock_tables, validate_sigmas
 from .selection import Candidate, Paths, best, check_measure, score
@@ -151,18 +151,6 @@ class _CountingDenoiser:
 
             return checkpoint(lambda x_, s_: self._call(x_, s_, extra), x, sigma, use_reentrant=False)
         return self._call(x, sigma, extra)
-
-
-def _infer_sample_shape(denoiser) -> tuple:
-    shape = getattr(denoiser, "sample_shape", None)
-    if shape is not None:
-        return tuple(shape)
-    config = getattr(getattr(denoiser, "model", None), "config", None)
-    if config is not None and "sample_size" in config and "in_channels" in config:
-        size = config["sample_size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return (config["in_channels"], *size)
-    raise ValueError("cannot infer the sample shape from the denoiser; pass sample_shape=(C, H, W)")
 
 
 def _init_tables(init, nfe: int, schedule) -> Optional[List[float]]:
@@ -303,7 +291,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
     schedule = denoiser.schedule
-    sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(denoiser)
+    sample_shape = tuple(sample_shape) if sample_shape is not None else evaluation.sample_shape(denoiser)
     if data is not None and tuple(data.shape[1:]) != sample_shape:
         raise ValueError(f"data images have shape {tuple(data.shape[1:])}; the model's samples have {sample_shape}")
     truth = reference.choose(reference_scheduler, reference_denoiser or denoiser, reference_steps)

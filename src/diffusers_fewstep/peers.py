@@ -26,7 +26,7 @@ import torch
 
 from . import reference
 from .ays import ays_sigmas
-from .evaluation import generate, noise_bank
+from .evaluation import generate, noise_bank, sample_shape
 from .reference import autocast_context  # noqa: F401
 from .schedules import STOCK_SCHEDULERS, diffusers_scheduler, karras_sigmas  # noqa: F401
 from .solvers import first_order_step
@@ -144,20 +144,11 @@ def gits_sigmas(denoiser, nfes: Iterable[int], num_samples: int = 256, grid_step
         metric, coeff: the authors' defaults ('dev', 1.15).
     """
     sigmas = gits_grid(denoiser.schedule, grid_steps + 1).float().to(device)
-    noise = noise_bank(num_samples, _sample_shape(denoiser), seed=seed, device=device)
+    noise = noise_bank(num_samples, sample_shape(denoiser), seed=seed, device=device)
     states, denoised = teacher_trajectories(denoiser, noise, sigmas, batch_size)
     cost = gits_cost_matrix(states, denoised, sigmas, metric)
     table = sigmas.double().cpu()
     return {nfe: table[dp_optimal_path(cost, nfe, coeff=coeff)].tolist() for nfe in nfes}
-
-
-def _sample_shape(denoiser) -> Sequence[int]:
-    if getattr(denoiser, "sample_shape", None) is not None:  # test models state it
-        return tuple(denoiser.sample_shape)
-    config = getattr(denoiser.model, "config", None)
-    size = getattr(config, "sample_size", 32)
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    return (getattr(config, "in_channels", 1), *size)
 
 
 # --- 3. the registry used by the benchmark ----------------------------------------------------------
