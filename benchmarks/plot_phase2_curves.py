@@ -33,6 +33,8 @@ def main(argv=None) -> str:
     runs = {}
     for spec in args.run:
         label, _, path = spec.rpartition("=")
+        if label in runs:
+            raise SystemExit(f"--run label {label!r} given twice: each run needs its own label")
         runs[label] = read_rows(path)
         if not runs[label]:
             raise SystemExit(f"no evaluation rows in {path}")

@@ -1,5 +1,6 @@
 """plotting.plot_training_curves: FD and RMSE against steps and wall time, one line per run and step count."""
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 
@@ -52,3 +53,5 @@ def test_the_log_script_reads_the_evaluation_rows(tmp_path):
     assert [(r["global_step"], r["fd_nfe2"]) for r in rows] == [(0, 7.2886), (500, 6.2477)]
     out = main(["--run", f"a=b={log}", "--out", str(tmp_path / "c.png")])  # the label may hold '='
     assert out.endswith("c.png") and os.path.getsize(out) > 5000
+    with pytest.raises(SystemExit, match="given twice"):  # one label for two runs would draw only the last
+        main(["--run", f"x={log}", "--run", f"x={log}", "--out", str(tmp_path / "d.png")])
