@@ -22,7 +22,7 @@ FIXTURE = os.path.join(ROOT, "assets", "fmnist-t2i-sd")
 PROMPTS = ["a red shirt", "a pair of boots", "a bag"]
 GUIDANCE = 5.0
 # small everything: 2-step tables, 10-step references, 3 optimiser steps, no hand-made comparison rows
-FAST = ["--nfe", "2", "--phase1_iters", "2", "--phase1_batch_size", "4", "--phase1_pool_size", "4",
+FAST = ["--nfe", "2", "--phase1_iters", "2", "--phase1_batch_size", "4", "--phase1_pool_size", "4", "--phase1_validation_size", "4",
         "--pool_size", "8", "--pool_batch_size", "8", "--train_batch_size", "4", "--reference_steps", "10",
         "--eval_samples", "4", "--compare_nfe", "--rounds", "1", "--phase2_steps", "3", "--checkpointing_steps", "100",
         "--guidance_scale", str(GUIDANCE)]
