@@ -7,7 +7,7 @@
 #                                                              # (T2I_MODEL: another text-to-image pipeline folder)
 # MODEL is fixture, or a model folder name under .stage/models (vpred, flow). NFES: steps joined by '-' (2-4-8).
 # Every run: the DDIM-trailing table held fixed (--phase1_iters 0 --rounds 1), batch 128, pool 8192, EMA, bf16,
-# the training script's default target (--phase2_target trajectory) unless EXTRA names another,
+# the training script's default target (--phase2_target auto: endpoint at ≤ 2 steps, trajectory above) unless EXTRA names another,
 # channels-last, fused AdamW, FD-FMNIST on FD_SAMPLES (5,000) samples every EVAL_STEPS (250) steps; runs of one call
 # that need the same teacher pool (model, table, pool settings) build it once (--pool_cache_dir .gpu_work/pools).
 # NPROC (default 1) processes, one GPU each, under `accelerate launch` (throughput of several GPUs: the logs' samples_per_s;

@@ -34,6 +34,7 @@ from diffusers_fewstep import DEFAULT_MODEL  # noqa: E402
 from diffusers_fewstep.adapter import SigmaDenoiser  # noqa: E402
 from diffusers_fewstep.finetune import (LORA_ATTENTION_MODULES, LORA_TARGET_MODULES, add_lora,  # noqa: E402
                                         lora_target_modules, phase2_loss, teacher_states)
+from diffusers_fewstep.evaluation import sample_shape  # noqa: E402
 from diffusers_fewstep.schedules import baseline_sigmas  # noqa: E402
 from diffusers_fewstep.train import _synced, build_pool, compile_backend, compile_model  # noqa: E402
 
@@ -101,11 +102,6 @@ def load_base(args):
                        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
     return unet, dict(DDPMScheduler().config)
-
-
-def sample_shape(unet):
-    size = unet.config.sample_size
-    return (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
 
 
 def lora_targets(unet, which: str) -> list:

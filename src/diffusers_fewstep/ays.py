@@ -192,7 +192,6 @@ def ays_sigmas(denoiser, nfes: Iterable[int], num_samples: int = 256, grid_size:
             `num_samples` noises drawn with `seed`.
         proxy_samples (`int`): reference samples of the early-stopping proxy (0 turns early stopping off).
     """
-
     schedule, shape = denoiser.schedule, sample_shape(denoiser)
     noise = noise_bank(num_samples if x0 is None else proxy_samples, shape, seed=seed, device=device)
     reference = reference_samples(denoiser, noise, batch_size=batch_size) if (x0 is None or proxy_samples) else None

@@ -34,11 +34,11 @@ NOISE_SEED = 1234
 # --- noise and generation ---------------------------------------------------------------------
 def sample_shape(denoiser) -> Tuple[int, ...]:
     """One sample's shape `(C, H, W)`: the denoiser's `sample_shape` where it states one (text-to-image latents, test
-    models), else its diffusers model config's `in_channels` and `sample_size`."""
+    models), else the `in_channels` and `sample_size` of its diffusers model's config (`denoiser` may be that model)."""
     shape = getattr(denoiser, "sample_shape", None)
     if shape is not None:
         return tuple(shape)
-    config = getattr(getattr(denoiser, "model", None), "config", None)
+    config = getattr(getattr(denoiser, "model", denoiser), "config", None)
     if config is not None and "sample_size" in config and "in_channels" in config:
         size = config["sample_size"]
         size = (size, size) if isinstance(size, int) else tuple(size)

@@ -43,8 +43,9 @@ from .objectives import endpoint_loss
 from .reference import trajectory
 
 PHASE2_TARGETS = ("interval_average", "trajectory", "endpoint")
-# --phase2_target auto: the endpoint target up to this many steps, the trajectory target above (measured on the
-# fixture only, docs/results.md: at 2 steps FD 0.82 against 3.09, at 4 steps 0.56 against 0.46)
+# --phase2_target auto: the endpoint target up to this many steps, the trajectory target above (docs/results.md: at
+# 4 steps trajectory was as good or better on all three families; at 2 steps endpoint won by 3.6× on the fixture and
+# lost by 5–7% on the v-prediction and flow models)
 ENDPOINT_TARGET_MAX_STEPS = 2
 PHASE2_LOSSES = ("l2", "pseudo_huber")
 # layers of diffusers UNets that get LoRA adapters: attention projections, resnet convolutions,

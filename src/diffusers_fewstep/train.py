@@ -266,7 +266,9 @@ def run_phase1(denoiser: SigmaDenoiser, args, round_: int, device, init=None,
     loss, select_by = phase1_measures(text_to_image)
     result = optimize_schedule(denoiser, nfes=list(args.nfe), solver=args.solver, objective=args.phase1_objective,
                                loss=loss, select_by=select_by, validation_size=args.phase1_validation_size,
-                               num_iters=args.phase1_iters, batch_size=args.phase1_batch_size, init=current,
+                               num_iters=args.phase1_iters, batch_size=args.phase1_batch_size,
+                               # the current tables compete as `existing` (winning ties); unscored, they are the start
+                               init=None if args.phase1_validation_size else current,
                                existing={n: (table, args.solver) for n, table in current.items()},
                                reference_steps=args.reference_steps, reference_scheduler=args.reference_scheduler,
                                pool_size=args.phase1_pool_size, seed=args.seed + 1000 * round_, device=device, progress=False,
@@ -361,9 +363,10 @@ def main(args: argparse.Namespace) -> str:
         t2i = load_training_pipeline(args, device, need_images=max(args.denoising_weight) > 0)
         model, base_config, args.sample_shape = t2i.model, t2i.encoded.scheduler_config, t2i.encoded.sample_shape
     else:
+        from .evaluation import sample_shape
+
         model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
-        size = model.config.sample_size
-        args.sample_shape = (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
+        args.sample_shape = sample_shape(model)
     resolve_targets(args, t2i and t2i.encoded)
     args.reference_steps = ((args.reference_steps or REFERENCE_STEPS) if args.reference_scheduler == "ode"
                             else pipeline_steps(args.reference_steps, t2i and t2i.encoded))
