@@ -53,9 +53,9 @@ train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
     --eval_samples 1024 --eval_steps "${EVAL_STEPS:-250}" --compare_nfe --no-compare_reference \
     --checkpointing_steps 100000 --pool_cache_dir "$W/pools" --output_dir "$out" > "$W/logs/$name.log" 2>&1
   local rc=$?
-  stamp "$name rc=$rc: $(grep -o "'samples_per_s': [0-9.]*" "$W/logs/$name.log" | tail -1)" \
+  stamp "$name rc=$rc: $(grep -o "'samples_per_s\(_recent\)\?': [0-9.]*" "$W/logs/$name.log" | tail -2 | tr '\n' ' ')" \
     "$(grep -o "'fd_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -${#nfes} | tr '\n' ' ')"
-  grep -o "'global_step': [0-9]*\|'loss_max': [0-9.e+-]*\|'\(fd\|rmse\|rmse_pool\)_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" \
+  grep -o "'global_step': [0-9]*\|'samples_per_s_recent': [0-9.]*\|'loss_max': [0-9.e+-]*\|'\(fd\|rmse\|rmse_pool\)_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" \
     | tr -d "'" | awk '/global_step/ {if (line) print line; line = $0; next} {line = line ", " $0} END {print line}'
   cp "$W/logs/$name.log" "$OUT/" 2>/dev/null
   if [ "${KEEP_MODEL:-0}" = 1 ] && [ -d "$out/unet" ]; then

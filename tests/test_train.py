@@ -310,7 +310,10 @@ def test_train_state_keeps_the_phase2_timing_and_reports_throughput():
     state = TrainState()
     assert state.throughput(64) == {}
     state.timing = {"pool_s": 3.04, "step_s": 2.0, "steps": 10}
-    assert state.throughput(64) == {"pool_s": 3.0, "samples_per_s": 320.0}
+    assert state.throughput(64) == {"pool_s": 3.0, "samples_per_s": 320.0, "samples_per_s_recent": 320.0}
+    state.timing = {"pool_s": 3.04, "step_s": 2.5, "steps": 20}  # 10 more steps in 0.5 s: the recent speed is 4× the first
+    assert state.throughput(64) == {"pool_s": 3.0, "samples_per_s": 512.0, "samples_per_s_recent": 1280.0}
+    assert "samples_per_s_recent" not in state.throughput(64)  # no step since the last row
     saved = state.state_dict()
     again = TrainState()
     again.load_state_dict(saved)
@@ -551,6 +554,8 @@ def test_lora_output_loads_with_peft(tiny_pipeline, tmp_path):
                      *FAST[:-4], "--phase1_iters", "0", "--eval_samples", "0"]))
     config = json.load(open(os.path.join(out, "unet_lora", "adapter_config.json")))
     assert sorted(config["target_modules"]) == ["to_q", "to_v"]
+    learning_rate = lambda run: json.load(open(os.path.join(tmp_path, run, "metrics.json")))["args"]["learning_rate"]  # noqa: E731
+    assert (learning_rate("lora"), learning_rate("lora_attention")) == (1e-2, 1e-4)  # given; LoRA's default
     with pytest.raises(ValueError, match=r"no Linear/Conv2d layer of UNet2DModel matches the LoRA targets \['to_qq'\]"):
         main(parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", str(tmp_path / "bad"),
                          "--use_lora", "--lora_layers", "to_qq", *FAST[:-4]]))
@@ -716,6 +721,7 @@ def test_auto_settings_resolve_per_count_and_per_pipeline():
 
     defaults = parse_args([])  # the defaults: auto, one round, the table held fixed
     assert (defaults.phase2_target, defaults.reference_scheduler, defaults.rounds, defaults.phase1_iters) == ("auto", None, 1, 0)
+    assert defaults.learning_rate is None  # resolved in main by --use_lora (test_lora_output_loads_with_peft)
     assert resolved("PNDMScheduler", reference_scheduler="ode") == ("ode", {2: "endpoint", 3: "trajectory",
                                                                            4: "trajectory"})
 
