@@ -499,8 +499,11 @@ def test_speed_options_train_the_same_model_on_cpu(tiny_pipeline, tmp_path, monk
     from torch._dynamo.utils import counters
 
     counters.clear()
+    compiled, compile_model = [], train.compile_model
+    monkeypatch.setattr(train, "compile_model", lambda module, *a: (compiled.append(module), compile_model(module, *a)))
     main(parse_args(args + ["--output_dir", fast, "--channels_last", "--compile", "--use_fused_adamw"]))
     assert counters["stats"]["unique_graphs"] > 0  # the model ran through dynamo
+    assert len(compiled) == 2 and compiled[0] is not compiled[1]  # the trained model and the frozen teacher copy
     assert batched == [True] * 6
     # saving needs the contiguous-weights hook: safetensors refuses channels-last tensors
     assert checkpoints(fast) == ["checkpoint-0", "checkpoint-1", "checkpoint-2", "checkpoint-3"]
