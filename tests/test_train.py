@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -277,6 +278,12 @@ def test_huge_learning_rate_stops_and_keeps_the_last_good_checkpoint(tiny_pipeli
     assert checkpoints(out) == ["checkpoint-0"]
     assert sorted(d for d in os.listdir(out) if d.startswith("diverged-")) == [
         "diverged-checkpoint-1", "diverged-checkpoint-2", "diverged-checkpoint-3"]
+    again = str(tmp_path / "again")  # resumed without --learning_rate: the checkpoint's rate goes on, not the default
+    shutil.copytree(out, again)
+    with pytest.raises(TrainingStopped, match=r"lower --learning_rate \(now 1\) and continue"):
+        main(parse_args(args + ["--output_dir", again, "--resume_from_checkpoint", "latest"]))
+    assert "replaces the checkpoint's" not in capsys.readouterr().out
+    assert checkpoints(again) == ["checkpoint-0"]  # diverged again: the set-aside checkpoints replaced, not an OSError
     main(parse_args(args + ["--output_dir", out, "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest"]))
     assert "--learning_rate 0.001 replaces the checkpoint's 1" in capsys.readouterr().out
     main(parse_args(args + ["--output_dir", fresh, "--learning_rate", "1e-3"]))

@@ -79,10 +79,13 @@ def resume(accelerator, output_dir: str, checkpoint: Optional[str]) -> Optional[
 
 
 def keep_checkpoints_before(output_dir: str, step: int) -> Optional[str]:
-    """Rename every checkpoint after `step` to `diverged-checkpoint-{k}`; return the newest one left."""
+    """Rename every checkpoint after `step` to `diverged-checkpoint-{k}` (replacing one set aside by an earlier
+    divergence of the same run); return the newest one left."""
     for d in checkpoints(output_dir):
         if int(d[len(PREFIX):]) > step:
-            os.replace(os.path.join(output_dir, d), os.path.join(output_dir, DIVERGED_PREFIX + d))
+            target = os.path.join(output_dir, DIVERGED_PREFIX + d)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(output_dir, d), target)
     left = checkpoints(output_dir)
     return left[-1] if left else None
 
@@ -179,17 +182,19 @@ class DivergenceMonitor:
 
 
 # --- the training loop's side (train.py): `args` are its options, `state` its TrainState ---------------
-def set_learning_rate(accelerator, optimizer, lr_scheduler, lr: float) -> None:
-    """After a resume: a `--learning_rate` other than the checkpoint's replaces it (the schedule's factor kept)."""
+def set_learning_rate(accelerator, optimizer, lr_scheduler, lr: Optional[float]) -> float:
+    """After a resume: a `--learning_rate` other than the checkpoint's replaces it (the schedule's factor kept); none
+    given (`None`) keeps the checkpoint's. Returns the learning rate in force."""
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    if all(base == lr for base in scheduler.base_lrs):
-        return
+    if lr is None or all(base == lr for base in scheduler.base_lrs):
+        return scheduler.base_lrs[0]
     accelerator.print(f"--learning_rate {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}")
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = group["lr"] * lr / base
         group["initial_lr"] = lr
     scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return lr
 
 
 def any_process(accelerator, flag: bool) -> bool:

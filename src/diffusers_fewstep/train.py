@@ -383,7 +383,7 @@ def main(args: argparse.Namespace) -> str:
     args.start_tables = {str(n): t for n, t in start.items()} if isinstance(start, dict) else None
     args.text_to_image = t2i is not None
     args.use_lora = t2i is not None if args.use_lora is None else args.use_lora
-    args.learning_rate = args.learning_rate or LEARNING_RATES[args.use_lora]
+    given_learning_rate, args.learning_rate = args.learning_rate, args.learning_rate or LEARNING_RATES[args.use_lora]
     args.clamp_samples = t2i is None  # images in [-1, 1]; latents are not clamped
     if args.use_lora:
         model.requires_grad_(False)
@@ -438,7 +438,7 @@ def main(args: argparse.Namespace) -> str:
     # 2. resume, and the fixed evaluation set (teacher references)
     resumed = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
     if resumed:
-        set_learning_rate(accelerator, optimizer, lr_scheduler, args.learning_rate)
+        args.learning_rate = set_learning_rate(accelerator, optimizer, lr_scheduler, given_learning_rate)
     if ema is not None:
         ema.to(device)
     ev = _eval_set(teacher, args, device, rows) if accelerator.is_main_process and args.eval_samples > 0 else None
