@@ -14,6 +14,8 @@
 # the deadline's SIGTERM reaches the launcher only, so give such runs STEPS that end in time);
 # GPUS=2 runs stage k on GPU k mod 2 (two single-GPU runs side by side on nvidia-h200-x2; timings are then the H200's);
 # STEPS (default 1000) optimiser steps; DEADLINE (seconds from the start) stops runs with SIGTERM (they checkpoint).
+# COMPILE=1 (the default) adds --compile_mode reduce-overhead (CUDA graphs: the fixture's step 2.3x faster after about
+# 135 s of compilation, 2026-11-24); COMPILE=0 leaves it out (short runs, or timings to compare with uncompiled ones).
 # Outputs: logs, metrics and (with KEEP_MODEL=1) the fp16 tuned unet under $OUT (in 15 MiB parts where larger).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +50,7 @@ train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
   timeout -s TERM "$(left)" $launch scripts/train_fewstep.py --pretrained_model_name_or_path "$(model_path "$model")" \
     --nfe ${nfes//-/ } --rounds 1 --phase1_iters 0 --phase2_steps "${STEPS:-1000}" --train_batch_size 128 \
     --pool_size 8192 --pool_batch_size 1024 --use_ema --mixed_precision bf16 --channels_last --use_fused_adamw \
-    --phase2_loss "$loss" --learning_rate "$lr" ${extra//,/ } \
+    --phase2_loss "$loss" --learning_rate "$lr" $([ "${COMPILE:-1}" = 1 ] && echo --compile_mode reduce-overhead) ${extra//,/ } \
     --fd_classifier .stage/fmnist-classifier --fd_data .stage/fashion-mnist --fd_samples "${FD_SAMPLES:-5000}" \
     --eval_samples 1024 --eval_steps "${EVAL_STEPS:-250}" --compare_nfe --no-compare_reference \
     --checkpointing_steps 100000 --pool_cache_dir "$W/pools" --output_dir "$out" > "$W/logs/$name.log" 2>&1
