@@ -55,3 +55,28 @@ def test_the_log_script_reads_the_evaluation_rows(tmp_path):
     assert out.endswith("c.png") and os.path.getsize(out) > 5000
     with pytest.raises(SystemExit, match="given twice"):  # one label for two runs would draw only the last
         main(["--run", f"x={log}", "--run", f"x={log}", "--out", str(tmp_path / "d.png")])
+
+
+def test_the_step_count_script_reads_before_and_after_per_count(tmp_path):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from plot_phase2_steps import main
+
+    def log(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(f"x INFO diffusers_fewstep.train: round 0 phase2: {row}\n" for row in rows))
+        return str(path)
+
+    two = log("two.log", [{"global_step": 0, "fd_nfe2": 8.0}, {"global_step": 9, "fd_nfe2": 3.0},
+                          {"global_step": 18, "fd_nfe2": 2.0}])
+    both = log("both.log", [{"global_step": 0, "fd_nfe3": 6.0, "fd_nfe6": 1.5}, {"global_step": 9, "fd_nfe3": 1.2, "fd_nfe6": 2.5}])
+    out = tmp_path / "s.png"
+    ratios = main(["--limit", "m=0.5", "--run", f"m={two}", "--run", f"m={both}", "--out", str(out)])
+    assert ratios == {"m": {2: (16.0, 4.0), 3: (12.0, 2.4), 6: (3.0, 5.0)}}  # first and last row over the limit
+    assert os.path.getsize(out) > 5000
+    with pytest.raises(SystemExit, match="m at 2 steps given twice"):
+        main(["--limit", "m=0.5", "--run", f"m={two}", "--run", f"m={two}", "--out", str(out)])
+    with pytest.raises(SystemExit, match="no --limit for family 'n'"):
+        main(["--limit", "m=0.5", "--run", f"n={two}", "--out", str(out)])
