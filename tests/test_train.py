@@ -756,6 +756,28 @@ def test_pool_fit_warning_names_the_counts_that_fit_their_pool():
     assert pool_fit_warning(late, pipeline).endswith("raise --pool_size (now 12288)")
 
 
+def test_compiled_modules_stay_compiled_past_dynamos_default_cache_limit():
+    """Student and teacher share nn.Module._call_impl's dynamo cache: their ten distinct calls (here: input ranks) are
+    all traced, where dynamo's default limit of 8 entries would run the last two eagerly."""
+    from torch._dynamo.utils import counters
+
+    from diffusers_fewstep.train import compile_model
+
+    class Tiny(torch.nn.Module):  # a module of our own: dynamo skips torch.nn's built-in ones
+        def forward(self, x):
+            return torch.nn.functional.silu(x) * 2
+
+    torch._dynamo.reset()
+    student, teacher = Tiny(), Tiny()
+    compile_model(student, "cpu")
+    compile_model(teacher, "cpu")
+    counters.clear()
+    for rank in range(1, 11):  # five input ranks each: ten entries in the one shared cache
+        (student if rank <= 5 else teacher)(torch.ones((2,) * rank))
+    assert counters["stats"]["unique_graphs"] == 10
+    torch._dynamo.reset()
+
+
 def test_compile_mode_reaches_inductor_only():
     """--compile_mode (CUDA graphs: reduce-overhead) goes to inductor on CUDA; the CPU's eager tracing takes no mode;
     --compile_mode alone turns compilation on."""

@@ -506,11 +506,17 @@ def compile_backend(device) -> str:
     return "inductor" if torch.device(device).type == "cuda" else "eager"
 
 
+COMPILE_CACHE_ENTRIES = 64
+
+
 def compile_model(model, device, mode: Optional[str] = None) -> None:
     """`torch.compile` of `model` in place with :func:`compile_backend`; `mode` (e.g. "reduce-overhead", CUDA graphs)
     applies to inductor only."""
     backend = compile_backend(device)
     kwargs = {"mode": mode} if mode and backend == "inductor" else {}
+    # every compiled module shares nn.Module._call_impl's dynamo cache, whose default limit (8 entries: student and
+    # teacher, with and without gradients, training and evaluation shapes) a run can reach; past it dynamo runs eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_CACHE_ENTRIES)
     logger.info("torch.compile(backend=%r%s) of the trained model", backend, f", mode={mode!r}" if kwargs else "")
     model.compile(backend=backend, **kwargs)
 
