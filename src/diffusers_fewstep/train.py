@@ -514,8 +514,8 @@ def compile_model(model, device, mode: Optional[str] = None) -> None:
     applies to inductor only."""
     backend = compile_backend(device)
     kwargs = {"mode": mode} if mode and backend == "inductor" else {}
-    # every compiled module shares nn.Module._call_impl's dynamo cache, whose default limit (8 entries: student and
-    # teacher, with and without gradients, training and evaluation shapes) a run can reach; past it dynamo runs eagerly
+    # every compiled module shares nn.Module._call_impl's dynamo cache (default limit 8 entries; one tiny SD run used 6:
+    # student and teacher, with and without gradients, training and evaluation shapes); past it dynamo runs eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_CACHE_ENTRIES)
     logger.info("torch.compile(backend=%r%s) of the trained model", backend, f", mode={mode!r}" if kwargs else "")
     model.compile(backend=backend, **kwargs)
