@@ -626,7 +626,8 @@ def test_pool_rmse_is_the_endpoint_rmse_of_the_pools_own_noises(tiny_pipeline):
     from diffusers_fewstep.adapter import SigmaDenoiser
     from diffusers_fewstep.evaluation import endpoint_rmse, generate
     from diffusers_fewstep.schedules import baseline_sigmas
-    from diffusers_fewstep.train import _pool_rmse, build_pool
+    from diffusers_fewstep.train import build_pool
+    from diffusers_fewstep.training_eval import pool_rmse
 
     teacher = SigmaDenoiser.from_pretrained(tiny_pipeline).eval()
     table = baseline_sigmas("ddim_trailing", 3, teacher.schedule).float()
@@ -635,7 +636,7 @@ def test_pool_rmse_is_the_endpoint_rmse_of_the_pools_own_noises(tiny_pipeline):
     pool = build_pool(teacher, table, 16, args, torch.Generator().manual_seed(0), "cpu")
     noise = pool["states"][0, :12] * teacher.schedule.native_scale(table[:1].double()).float()
     expected = endpoint_rmse(generate(teacher, noise, table), pool["states"][-1, :12].clamp(-1, 1))
-    measured = _pool_rmse(teacher, pool, table, args)
+    measured = pool_rmse(teacher, pool, table, args)
     assert expected > 1e-3 and abs(measured - expected) < 1e-4
 
 
@@ -741,7 +742,7 @@ def test_pool_fit_warning_names_the_counts_that_fit_their_pool():
     (.116) and FD still fell: no warning; at step 2,000 (.079 against .111) FD had stopped: it fires."""
     from types import SimpleNamespace
 
-    from diffusers_fewstep.train import pool_fit_warning
+    from diffusers_fewstep.training_eval import pool_fit_warning
 
     args = SimpleNamespace(nfe=[2, 4], pool_size=12288, reference_steps=100, reference_scheduler="ode")
     early = {"rmse_nfe2": 0.2, "rmse_pool_nfe2": 0.19, "rmse_nfe4": 0.116, "rmse_pool_nfe4": 0.097}

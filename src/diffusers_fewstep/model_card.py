@@ -40,7 +40,7 @@ def _row_label(row: dict) -> str:
 
 
 def step_counts_table(rows: List[dict]) -> str:
-    """Markdown table of `train.compare_step_counts` rows: tuned and base model side by side at every count."""
+    """Markdown table of `training_eval.compare_step_counts` rows: tuned and base model side by side at every count."""
     metrics = [m for m in ("fd", "rmse") if any(f"tuned_{m}" in r for r in rows)]
     head = "| steps | table | solver | tuned for it | " + " | ".join(
         f"{m.upper()} tuned | {m.upper()} base" for m in metrics) + " |"

@@ -12,8 +12,9 @@ Phase 1 re-selects the tables for the tuned model. Conventions follow diffusers'
 `--push_to_hub`. Every random draw comes from a generator seeded by (seed, round, step), so a
 resumed run continues exactly where a killed one stopped. A run stops early in one line, with
 nothing lost (:mod:`diffusers_fewstep.checkpoints`): on SIGTERM/SIGINT or an error it saves a
-checkpoint first; when the Phase-2 loss diverges it keeps the last good checkpoint. At the end the
-tuned model is measured next to the base model at the counts it was tuned for and at others.
+checkpoint first; when the Phase-2 loss diverges it keeps the last good checkpoint. What the run measures
+(every evaluation row, and at the end the tuned model next to the base model at the counts it was tuned for and at
+others) is :mod:`diffusers_fewstep.training_eval`.
 
 Text-to-image pipelines (SD, SDXL, SD3) train on prompts (`--prompts_file` or a captioned `--train_data_dir`)
 with guidance inside teacher and student and a LoRA adapter by default (:mod:`.text_to_image_training`).
@@ -27,14 +28,13 @@ and a model card `README.md`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -46,12 +46,11 @@ from .data import load_images
 from .finetune import (LORA_TARGET_MODULES, PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, auto_target,
                        ema_weights, lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .schedules import starting_tables
-from .model_card import tuning_shortfall
 from .reference import REFERENCE_STEPS, default_reference, pipeline_steps, start_state
-from .reference import choose as choose_reference
 from .selection import extra_args, phase1_measures
 from .text_to_image_training import add_arguments as add_text_to_image_arguments
 from .text_to_image_training import check_arguments as check_text_to_image_arguments
+from .training_eval import compare_step_counts, eval_set, record, teacher_reference, trainable
 
 logger = logging.getLogger(__name__)
 # default --learning_rate, by --use_lora: at 1e-4 LoRA (rank 64) kept pace with full tuning at 2e-5 on the fixture
@@ -323,7 +322,7 @@ def build_pool(teacher: SigmaDenoiser, sigmas: torch.Tensor, size: int, args, ge
     the endpoint only), and the conditioning row of each, `rows` (a random draw; an index, so that prompt encodings
     are not copied per trajectory)."""
     states, picks = [], []
-    pipeline = _reference(teacher, args) if args.reference_scheduler == "pipeline" else None
+    pipeline = teacher_reference(teacher, args) if args.reference_scheduler == "pipeline" else None
     for start in range(0, size, args.pool_batch_size):
         n = min(args.pool_batch_size, size - start)
         noise = torch.randn((n, *args.sample_shape), generator=generator).to(device)
@@ -423,7 +422,7 @@ def main(args: argparse.Namespace) -> str:
     unwrapped = accelerator.unwrap_model(model)
     tuned = denoiser(unwrapped)  # for Phase 1 and evaluation, with the EMA weights
     teacher = denoiser(teacher_module)
-    args.reference = _reference(teacher, args).settings()  # what the targets and the RMSEs are measured against
+    args.reference = teacher_reference(teacher, args).settings()  # what the targets and the RMSEs are measured against
     labels = load_conditioning(args.conditioning_file, device)
     rows = None if labels is None else Conditioning({"class_labels": labels})
     data = None
@@ -441,10 +440,10 @@ def main(args: argparse.Namespace) -> str:
         args.learning_rate = set_learning_rate(accelerator, optimizer, lr_scheduler, given_learning_rate)
     if ema is not None:
         ema.to(device)
-    ev = _eval_set(teacher, args, device, rows) if accelerator.is_main_process and args.eval_samples > 0 else None
+    ev = eval_set(teacher, args, device, rows) if accelerator.is_main_process and args.eval_samples > 0 else None
 
     # 3. alternate the phases; a signal or an error saves a checkpoint before the run ends (checkpoints.py)
-    evaluate = lambda pools=None: _record(accelerator, state, "phase2", tuned, ev, args, pools, rows)  # noqa: E731
+    evaluate = lambda pools=None: record(accelerator, state, "phase2", tuned, ev, args, pools, rows)  # noqa: E731
     with StopSignals() as guard:
         guard.saved(resumed and os.path.basename(os.path.normpath(resumed)))
         try:
@@ -454,8 +453,8 @@ def main(args: argparse.Namespace) -> str:
                     guard.unsaved()
                     state.tables, state.phase, state.step_in_phase, state.divergence = tables, 2, 0, {}
                     if accelerator.is_main_process and (args.phase1_iters or state.round == 0):  # held tables
-                        with ema_weights(ema, _trainable(unwrapped)):  # after Phase 2: its last row already says it
-                            _record(accelerator, state, "phase1", tuned, ev, args)
+                        with ema_weights(ema, trainable(unwrapped)):  # after Phase 2: its last row already says it
+                            record(accelerator, state, "phase1", tuned, ev, args)
                     save_or_stop(accelerator, args, state, guard)
                 if state.round >= args.rounds:
                     break
@@ -529,56 +528,6 @@ def _contiguous_weights(models, weights, output_dir) -> None:
                 state_dict[key] = value.contiguous()
 
 
-def _trainable(model) -> list:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _batched(fn: Callable, noise: torch.Tensor, args, rows: Optional[Conditioning] = None) -> torch.Tensor:
-    """`fn(chunk, extra_args)` over `noise` in batches of `--pool_batch_size`, clamped to [-1, 1] for images (not
-    latents); sample k gets conditioning row `k % len(rows)`."""
-    out = []
-    for start in range(0, len(noise), args.pool_batch_size):
-        chunk = noise[start: start + args.pool_batch_size]
-        x = fn(chunk, None if rows is None else rows.rows(torch.arange(start, start + len(chunk))))
-        out.append(x.clamp(-1, 1) if args.clamp_samples else x)
-    return torch.cat(out)
-
-
-def _generate(denoiser: SigmaDenoiser, noise: torch.Tensor, sigmas, solver: str, args,
-              rows: Optional[Conditioning] = None) -> torch.Tensor:
-    """Few-step samples (`evaluation.generate`) from `noise`."""
-    from .evaluation import generate
-
-    return _batched(lambda chunk, extra: generate(denoiser, chunk, sigmas, solver, len(chunk), extra_args=extra,
-                                                  clamp=False), noise, args, rows)
-
-
-def _eval_set(teacher: SigmaDenoiser, args, device, rows: Optional[Conditioning] = None) -> dict:
-    """Fixed evaluation noises (the benchmark's bank), the teacher's reference samples (:func:`_reference`) and,
-    with `--fd_classifier`, the feature network and the reference statistics for FD."""
-    from .evaluation import load_fmnist_classifier, noise_bank, reference_statistics
-    noise = noise_bank(max(args.eval_samples, args.fd_samples if args.fd_classifier else 0), args.sample_shape,
-                       device=device)
-    truth = _reference(teacher, args)
-    reference = _batched(lambda chunk, extra: truth(teacher, chunk, extra), noise[: args.eval_samples], args, rows)
-    ev = {"noise": noise, "reference": reference, "rows": rows}
-    if args.fd_classifier:
-        ev["net"] = load_fmnist_classifier(args.fd_classifier, device)
-        ev["stats"] = reference_statistics(ev["net"], args.fd_data, device)
-    return ev
-
-
-def _scores(denoiser: SigmaDenoiser, sigmas, solver: str, ev: dict, args) -> Dict[str, float]:
-    """Endpoint RMSE against the base model's reference solve (and FD) of samples from the evaluation noises."""
-    from .evaluation import endpoint_rmse, extract_features, frechet_distance
-
-    samples = _generate(denoiser, ev["noise"], sigmas, solver, args, ev["rows"])
-    scores = {"rmse": round(endpoint_rmse(samples[: args.eval_samples], ev["reference"]), 5)}
-    if "net" in ev:
-        scores["fd"] = round(frechet_distance(extract_features(ev["net"], samples), ev["stats"]), 4)
-    return scores
-
-
 def resolve_targets(args, encoded=None) -> None:
     """The default `--reference_scheduler` and `--phase2_target auto` made concrete: `args.reference_scheduler` (the
     ODE; with `auto`, the pipeline's own image where `reference.default_reference` picks it) and `args.phase2_targets`
@@ -588,37 +537,6 @@ def resolve_targets(args, encoded=None) -> None:
     args.phase2_targets = {n: auto_target(n, args.reference_scheduler) if args.phase2_target == "auto"
                            else args.phase2_target for n in args.nfe}
     logger.info("reference %s; Phase-2 target per count %s", args.reference_scheduler, args.phase2_targets)
-
-
-def _reference(teacher: SigmaDenoiser, args):
-    """The teacher's reference (`reference.choose`): `--reference_scheduler` at `--reference_steps`."""
-    return choose_reference(args.reference_scheduler, teacher, args.reference_steps)
-
-
-def _pool_rmse(denoiser: SigmaDenoiser, pool: dict, sigmas, args, rows: Optional[Conditioning] = None) -> float:
-    """Endpoint RMSE of the few-step samples (`evaluation.generate`) from the native noises behind the first
-    `--eval_samples` pool trajectories against their teacher endpoints (the tables end where the teacher's states do)."""
-    from .evaluation import endpoint_rmse, generate
-
-    states = pool["states"][:, : args.eval_samples]
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=states.device)
-    noise = states[0] * denoiser.schedule.native_scale(sigmas[:1].double()).to(states)  # x(σ_0) = ε / a(σ_0)
-    extra = None if rows is None else rows.rows(pool["rows"][: args.eval_samples])
-    samples = generate(denoiser, noise, sigmas, args.solver, len(noise), extra_args=extra, clamp=args.clamp_samples)
-    reference = states[-1].float()
-    return round(endpoint_rmse(samples, reference.clamp(-1, 1) if args.clamp_samples else reference), 5)
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules):
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
 
 
 def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
@@ -636,87 +554,11 @@ def _synced(device, start: float) -> float:
     return time.perf_counter() - start
 
 
-def _record(accelerator, state: TrainState, phase: str, tuned: SigmaDenoiser, ev: Optional[dict], args,
-            pools: Optional[dict] = None, rows: Optional[Conditioning] = None) -> None:
-    """Endpoint RMSE (and FD) of the current model at every tuned count, appended to `state.metrics`, with the time
-    so far and the Phase-2 throughput (:meth:`TrainState.throughput`). With the Phase-2 `pools`, also the same RMSE
-    on trajectories the model trains on (`rmse_pool`): far below `rmse`, the model is fitting its pool, not the
-    teacher (a larger `--pool_size` helps)."""
-    if ev is None:
-        return
-    row = {"round": state.round, "phase": phase, "global_step": state.global_step,
-           "elapsed_s": round(time.time() - args.start_time, 1),
-           **state.throughput(args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes),
-           **state.loss_summary()}
-    with _eval_mode(tuned.model):
-        for n in args.nfe:
-            row.update({f"{k}_nfe{n}": v for k, v in _scores(tuned, state.tables[str(n)], args.solver, ev, args).items()})
-            if pools is not None:
-                row[f"rmse_pool_nfe{n}"] = _pool_rmse(tuned, pools[n], state.tables[str(n)], args, rows)
-    state.metrics.append(row)
-    accelerator.log({k: v for k, v in row.items() if k.startswith(("rmse", "fd"))}, step=state.global_step)
-    logger.info("round %d %s: %s", state.round, phase, row)
-    warning = pool_fit_warning(row, args)
-    if warning:
-        logger.warning(warning)
-
-
-POOL_FIT_RATIO = 0.8  # RMSE on the pool below this fraction of the RMSE on fresh noises: the model fits its pool
-
-
-def pool_fit_warning(row: dict, args) -> str:
-    """A warning naming every tuned count whose RMSE on its pool's trajectories (`rmse_pool`) fell below
-    :data:`POOL_FIT_RATIO` × its RMSE on fresh noises (on the fixture at 4 steps, FD stopped improving there:
-    docs/results.md), with what builds a larger pool; "" when none did."""
-    fitted = [n for n in args.nfe if row.get(f"rmse_pool_nfe{n}", float("inf")) < POOL_FIT_RATIO * row[f"rmse_nfe{n}"]]
-    if not fitted:
-        return ""
-    found = "; ".join(f"{n} steps: RMSE {row[f'rmse_pool_nfe{n}']:.3g} on its trajectories against "
-                      f"{row[f'rmse_nfe{n}']:.3g} on fresh noises" for n in fitted)
-    cheaper = (f", or a cheaper teacher for the same time (--reference_steps, now {args.reference_steps})"
-               if args.reference_scheduler == "ode" else "")
-    return (f"Phase 2 is fitting its teacher pool ({found}); more steps may not help: raise --pool_size "
-            f"(now {args.pool_size}){cheaper}")
-
-
-def comparison_tables(args, tables: Dict[str, List[float]], schedule) -> List[Tuple[int, str, str, List[float]]]:
-    """(steps, table name, solver, σ table) for the final comparison: the learned table of every tuned count,
-    `--compare_table` at every `--compare_nfe` count, and (`--compare_reference`) the base model's reference solve."""
-    from .evaluation import REFERENCE_SOLVER, reference_sigmas
-    from .schedules import baseline_sigmas
-
-    rows = [(n, "learned", args.solver, tables[str(n)]) for n in sorted(set(args.nfe))]
-    rows += [(n, args.compare_table, args.solver, baseline_sigmas(args.compare_table, n, schedule).tolist())
-             for n in sorted(set(args.compare_nfe))]
-    if args.compare_reference:
-        rows.append((args.reference_steps, "reference", REFERENCE_SOLVER,
-                     reference_sigmas(schedule, args.reference_steps).tolist()))
-    return rows
-
-
-def compare_step_counts(args, state: TrainState, tuned: SigmaDenoiser, base: SigmaDenoiser, ema,
-                        ev: dict) -> List[dict]:
-    """The tuned model (EMA weights) next to the base model, each with the same table and solver, at every
-    row of :func:`comparison_tables`: `{nfe, table, solver, tuned_count, tuned_rmse, base_rmse[, *_fd]}`."""
-    rows = []
-    with ema_weights(ema, _trainable(tuned.model)), _eval_mode(tuned.model, base.model):
-        for n, name, solver, sigmas in comparison_tables(args, state.tables, tuned.schedule):
-            row = {"nfe": n, "table": name, "solver": solver, "tuned_count": n in args.nfe}
-            for who, denoiser in (("tuned", tuned), ("base", base)):
-                row.update({f"{who}_{k}": v for k, v in _scores(denoiser, sigmas, solver, ev, args).items()})
-            logger.info("step counts: %s", row)
-            rows.append(row)
-    shortfall = tuning_shortfall(rows)
-    if shortfall:
-        logger.warning(shortfall.replace("**", ""))
-    return rows
-
-
 def _phase1(accelerator, args, state, tuned, teacher, ema, rows, broadcast_object_list) -> Dict[str, List[float]]:
     """Phase 1 on the main process (with the EMA weights); returns the tables, broadcast to every process."""
     tables = [None]
     if accelerator.is_main_process:
-        with ema_weights(ema, _trainable(tuned.model)):
+        with ema_weights(ema, trainable(tuned.model)):
             t0 = time.time()
             tables[0] = run_phase1(tuned, args, state.round, accelerator.device, init=state.tables or args.start_tables,
                                    rows=rows, teacher=teacher, text_to_image=args.text_to_image)
@@ -774,7 +616,7 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
                 optimizer.zero_grad()
             total = total + loss.detach().float()
         if ema is not None:
-            ema.step(_trainable(accelerator.unwrap_model(model)))
+            ema.step(trainable(accelerator.unwrap_model(model)))
         state.global_step += 1
         state.step_in_phase += 1
         loss, stop = step_outcome(accelerator, total / args.gradient_accumulation_steps, guard)  # waits for the GPU
@@ -788,14 +630,14 @@ def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, l
         if stop:
             save_or_stop(accelerator, args, state, guard)
         if evaluate is not None and args.eval_steps and state.global_step % args.eval_steps == 0:
-            with ema_weights(ema, _trainable(accelerator.unwrap_model(model))):
+            with ema_weights(ema, trainable(accelerator.unwrap_model(model))):
                 evaluate(pools)
         if state.global_step % args.checkpointing_steps == 0:
             save_or_stop(accelerator, args, state, guard)
         if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
             return True
     if evaluate is not None and not (args.eval_steps and state.global_step % args.eval_steps == 0):
-        with ema_weights(ema, _trainable(accelerator.unwrap_model(model))):
+        with ema_weights(ema, trainable(accelerator.unwrap_model(model))):
             evaluate(pools)
     return False
 
@@ -818,7 +660,7 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
         provenance["text_to_image"] = t2i.provenance()
     scheduler = LearnedScheduleScheduler.from_config(dict(base_config), sigma_tables=state.tables, solver=args.solver,
                                                      provenance=provenance)
-    with ema_weights(ema, _trainable(model)):
+    with ema_weights(ema, trainable(model)):
         if args.rounds > 0 and args.use_lora and t2i is not None:
             save_lora(t2i, model, args.output_dir)
         elif args.rounds > 0 and args.use_lora:
