@@ -483,8 +483,13 @@ def test_model_card_warns_with_the_numbers_where_the_tuned_model_is_worse():
     # tuned for 4 steps and no better there than the base model: the card says so, with the numbers
     assert "Tuning did not help" not in card
     rows[0]["tuned_fd"] = 6.1
-    assert ("No better than the base model with the same table at 4 steps: FD 6.1 against the base model's 5.98."
-            in card_text("fmnist", {"4": [1.0, 0.0]}, [], "euler", False, True, "me/x", rows))
+    alone = card_text("fmnist", {"4": [1.0, 0.0]}, [], "euler", False, True, "me/x", rows)
+    assert ("No better than the base model with the same table at 4 steps: FD 6.1 against the base model's 5.98. "
+            "Sample the base model with the learned table there, or train longer.") in alone
+    rows[1]["tuned_count"], rows[1]["table"] = True, "learned"  # tuned for 4 and 8 steps at once: other advice
+    together = card_text("fmnist", {"4": [1.0, 0.0], "8": [1.0, 0.0]}, [], "euler", False, True, "me/x", rows)
+    assert "at 4 steps: FD 6.1 against the base model's 5.98. Sample the base model with the learned table there, " \
+           "or tune a model for that count alone" in together and "8 steps: FD" not in together.split("did not help")[1]
 
 
 def test_speed_options_train_the_same_model_on_cpu(tiny_pipeline, tmp_path, monkeypatch):

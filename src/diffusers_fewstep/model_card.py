@@ -75,8 +75,12 @@ def tuning_shortfall(rows: List[dict]) -> str:
         return ""
     found = "; ".join(f"{r['nfe']} steps: {metric.upper()} {r[f'tuned_{metric}']:.4g} against the base model's "
                       f"{r[f'base_{metric}']:.4g}" for r in short)
+    together = len({r["nfe"] for r in rows if r["tuned_count"]}) > 1
+    advice = ("tune a model for that count alone: tuned together, the counts ask one network for different steps "
+              "from the same noise (a flow model tuned for 2, 4 and 8 steps at once ended worse than the base model "
+              "at 8)" if together else "train longer")
     return (f"**Tuning did not help at every count it was meant for.** No better than the base model with the same "
-            f"table at {found}. Sample the base model with the learned table there, or train longer.")
+            f"table at {found}. Sample the base model with the learned table there, or {advice}.")
 
 
 def targets_text(targets: Dict[str, str]) -> str:
