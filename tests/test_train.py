@@ -342,7 +342,7 @@ def test_several_step_counts_trained_evaluated_and_compared(tiny_pipeline, tmp_p
     out = str(tmp_path / "out")
     train.main(train.parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--output_dir", out, "--rounds", "1",
                                  "--phase2_steps", "5", "--eval_steps", "2", "--checkpointing_steps", "100", *FAST,
-                                 "--nfe", "2", "3", "--compare_nfe", "3", "4"]))
+                                 "--nfe", "2", "3", "--compare_nfe", "3", "4", "--no-keep_best"]))
     assert trained == [2, 3, 2, 3, 2]
     with open(os.path.join(out, "metrics.json")) as f:
         record = json.load(f)
@@ -620,7 +620,34 @@ def test_push_to_hub_creates_the_repo_and_uploads_without_checkpoints(tmp_path, 
     assert calls["create"][0] == "fmnist-fewstep" and calls["create"][1]["private"] is True
     upload = calls["upload"]
     assert upload["repo_id"] == "me/fmnist-fewstep" and upload["folder_path"] == args.output_dir
-    assert "checkpoint-*" in upload["ignore_patterns"]
+    assert "checkpoint-*" in upload["ignore_patterns"] and "best_weights.safetensors" in upload["ignore_patterns"]
+
+
+def test_keep_best_saves_the_best_evaluation_not_the_last(tiny_pipeline, tmp_path, monkeypatch):
+    """--keep_best (the default): evaluations ranked 5, 1, 3, 4 at steps 0, 2, 4, 5 — the output holds the weights
+    of step 2, exactly those a run stopped at step 2 saves, the final comparison measures them, and the card says so."""
+    from diffusers_fewstep import train, training_eval
+
+    ranked = {0: 5.0, 2: 1.0, 4: 3.0, 5: 4.0}
+    monkeypatch.setattr(training_eval, "row_quality", lambda row, nfes: ("rmse", ranked[row["global_step"]]))
+    common = ["--pretrained_model_name_or_path", tiny_pipeline, "--rounds", "1", "--eval_steps", "2",
+              "--checkpointing_steps", "100", *FAST, "--phase1_iters", "0", "--compare_nfe", "--no-compare_reference"]
+    best, short = str(tmp_path / "best"), str(tmp_path / "short")
+    train.main(train.parse_args([*common, "--phase2_steps", "5", "--output_dir", best]))
+    train.main(train.parse_args([*common, "--phase2_steps", "2", "--output_dir", short, "--no-keep_best"]))
+    a, b = _weights(best), _weights(short)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record, other = (json.load(open(os.path.join(out, "metrics.json"))) for out in (best, short))
+    assert record["best"]["global_step"] == 2 and [m["global_step"] for m in record["metrics"]] == [0, 2, 4, 5]
+    assert record["step_counts"][0]["tuned_rmse"] == other["step_counts"][0]["tuned_rmse"]  # the kept model measured
+    assert ("The weights saved are those of step 2 (RMSE 1), the best of the evaluations above; the last one (step 5) "
+            "measured worse.") in open(os.path.join(best, "README.md")).read()
+    assert "The weights saved" not in open(os.path.join(short, "README.md")).read()
+    from diffusers_fewstep.model_card import kept_text
+
+    untuned = kept_text({"global_step": 0, "metric": "fd", "value": 2.9, "tables": {"2": [], "4": []}},
+                        [{"global_step": 0}, {"global_step": 500}])
+    assert "step 0: the base model's, tuning did not improve on it (FD summed over the counts 2.9)" in untuned
 
 
 def test_pool_rmse_is_the_endpoint_rmse_of_the_pools_own_noises(tiny_pipeline):

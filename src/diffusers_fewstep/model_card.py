@@ -136,13 +136,24 @@ def text_to_image_use(base_model: str, repo_id: str, use_lora: bool, tuned: bool
             "from diffusers_fewstep import LearnedScheduleScheduler\n\n" + "\n".join(lines))
 
 
+def kept_text(kept: Optional[dict], metrics: List[dict]) -> str:
+    """A line when the saved weights are not the last evaluation's (`--keep_best`): which step's, and why."""
+    if not kept or not metrics or kept["global_step"] == metrics[-1]["global_step"]:
+        return ""
+    name = kept["metric"].upper() + (" summed over the counts" if len(kept["tables"]) > 1 else "")
+    base = ": the base model's, tuning did not improve on it" if kept["global_step"] == 0 else ""
+    return (f"\nThe weights saved are those of step {kept['global_step']}{base} ({name} {kept['value']:.4g}), the best of "
+            f"the evaluations above; the last one (step {metrics[-1]['global_step']}) measured worse.\n")
+
+
 def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict], solver: str,
               use_lora: bool, tuned: bool, repo_id: str, step_counts: Optional[List[dict]] = None,
               text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None,
-              reference: Optional[dict] = None, targets: Optional[Dict[str, str]] = None) -> str:
+              reference: Optional[dict] = None, targets: Optional[Dict[str, str]] = None,
+              kept: Optional[dict] = None) -> str:
     """The card's markdown; `fixed_tables` names the tables of a run that held them fixed (`--phase1_iters 0`),
     `reference` the settings of what its RMSEs are measured against (:func:`reference_text`), `targets` the
-    Phase-2 target of every tuned count."""
+    Phase-2 target of every tuned count, `kept` the evaluation whose weights were saved (:func:`kept_text`)."""
     nfes = sorted(int(k) for k in tables)
     if not tuned:
         load = (f'pipe = DDPMPipeline.from_pretrained("{base_model}")  # or your pipeline class\n'
@@ -197,7 +208,7 @@ from the same noise and, when measured, the Fréchet distance (FD) of its sample
 reference images (lower is better for both), after each phase.
 
 {metrics_table(metrics, "tables (held fixed)" if fixed_tables else "Phase 1 (tables)")}
-{curves_md}
+{kept_text(kept, metrics)}{curves_md}
 {step_counts_section(step_counts or [], nfes, reference)}"""
 
 
@@ -205,9 +216,11 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
                     solver: str = "euler", use_lora: bool = False, tuned: bool = True,
                     hub_model_id: Optional[str] = None, step_counts: Optional[List[dict]] = None,
                     text_to_image: Optional[dict] = None, fixed_tables: Optional[str] = None,
-                    reference: Optional[dict] = None, targets: Optional[Dict[str, str]] = None):
+                    reference: Optional[dict] = None, targets: Optional[Dict[str, str]] = None,
+                    kept: Optional[dict] = None):
     """Write `README.md` (a `huggingface_hub.ModelCard`) and the σ plot into `output_dir`; returns the card.
-    `text_to_image` (a text-to-image run: pipeline class, guidance scale, prompts) gives its loading snippet."""
+    `text_to_image` (a text-to-image run: pipeline class, guidance scale, prompts) gives its loading snippet; `kept`
+    the evaluation whose weights were saved (`TrainState.best`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     plot_tables(tables, os.path.join(output_dir, SIGMA_PLOT))
@@ -221,7 +234,7 @@ def save_model_card(output_dir: str, base_model: str, tables: Dict[str, Sequence
                          + (["text-to-image"] if text_to_image else []))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(base_model, tables, metrics, solver, use_lora,
                                                                     tuned, repo_id, step_counts, text_to_image,
-                                                                    fixed_tables, reference, targets))
+                                                                    fixed_tables, reference, targets, kept))
     card.save(os.path.join(output_dir, "README.md"))
     return card
 

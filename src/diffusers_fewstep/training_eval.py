@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
@@ -120,11 +121,71 @@ def record(accelerator, state, phase: str, tuned: SigmaDenoiser, ev: Optional[di
             if pools is not None:
                 row[f"rmse_pool_nfe{n}"] = pool_rmse(tuned, pools[n], state.tables[str(n)], args, rows)
     state.metrics.append(row)
+    if args.keep_best and args.rounds > 0:
+        keep_if_best(state, row, tuned.model, args)
     accelerator.log({k: v for k, v in row.items() if k.startswith(("rmse", "fd"))}, step=state.global_step)
     logger.info("round %d %s: %s", state.round, phase, row)
     warning = pool_fit_warning(row, args)
     if warning:
         logger.warning(warning)
+
+
+BEST_WEIGHTS = "best_weights.safetensors"  # in the output folder: the weights of `TrainState.best`
+
+
+def row_quality(row: dict, nfes) -> Tuple[str, float]:
+    """The measure an evaluation row is ranked by (lower is better): FD summed over the tuned counts, or the endpoint
+    RMSE where FD was not measured."""
+    metric = "fd" if all(f"fd_nfe{n}" in row for n in nfes) else "rmse"
+    return metric, float(sum(row[f"{metric}_nfe{n}"] for n in nfes))
+
+
+def keep_if_best(state, row: dict, model: torch.nn.Module, args) -> None:
+    """When `row` beats `state.best` (:func:`row_quality`): the trained weights as evaluated (the EMA's) go to
+    :data:`BEST_WEIGHTS` in the output folder, tagged with the row's step, and the row's step, round, measure and
+    tables to `state.best`."""
+    from safetensors.torch import save_file
+
+    metric, value = row_quality(row, args.nfe)
+    if state.best and not value < state.best["value"]:
+        return
+    weights = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    os.makedirs(args.output_dir, exist_ok=True)
+    save_file(weights, os.path.join(args.output_dir, BEST_WEIGHTS), metadata={"global_step": str(row["global_step"])})
+    state.best = {"global_step": row["global_step"], "round": row["round"], "phase": row["phase"], "metric": metric,
+                  "value": value, "tables": {k: list(v) for k, v in state.tables.items()}}
+
+
+def restore_best(args, state, model: torch.nn.Module, ema) -> None:
+    """At the end, with `--keep_best`: the weights and tables of the best evaluation replace the last ones (in the
+    EMA too) unless the last evaluation was the best. Weights whose step tag differs from `state.best` (a run killed
+    after a better evaluation and before the checkpoint that knew of it) are left alone, with a warning."""
+    from safetensors import safe_open
+
+    last = state.metrics[-1] if state.metrics else None
+    if not (args.keep_best and state.best and last) or state.best["global_step"] == last["global_step"] and (
+            state.best["tables"] == state.tables):
+        return
+    path = os.path.join(args.output_dir, BEST_WEIGHTS)
+    with safe_open(path, "pt") as f:
+        if f.metadata().get("global_step") != str(state.best["global_step"]):
+            logger.warning("%s is not the weights of the best evaluation (step %s); keeping the last weights", path,
+                           state.best["global_step"])
+            return
+        best = {name: f.get_tensor(name) for name in f.keys()}
+    params = dict((name, p) for name, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(best[name])
+        if ema is not None:
+            for shadow, p in zip(ema.shadow_params, params.values()):
+                shadow.copy_(p)
+    state.tables = state.best["tables"]
+    metric, value = row_quality(last, args.nfe)
+    logger.warning("kept the weights and tables of step %d%s (%s %.4g, the best evaluation), not the last ones "
+                   "(step %d, %s %.4g); --no-keep_best keeps the last", state.best["global_step"],
+                   " (the base model's)" if state.best["global_step"] == 0 else "", metric, state.best["value"],
+                   last["global_step"], metric, value)
 
 
 POOL_FIT_RATIO = 0.8  # RMSE on the pool below this fraction of the RMSE on fresh noises: the model fits its pool
