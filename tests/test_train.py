@@ -640,14 +640,31 @@ def test_keep_best_saves_the_best_evaluation_not_the_last(tiny_pipeline, tmp_pat
     record, other = (json.load(open(os.path.join(out, "metrics.json"))) for out in (best, short))
     assert record["best"]["global_step"] == 2 and [m["global_step"] for m in record["metrics"]] == [0, 2, 4, 5]
     assert record["step_counts"][0]["tuned_rmse"] == other["step_counts"][0]["tuned_rmse"]  # the kept model measured
-    assert ("The weights saved are those of step 2 (RMSE 1), the best of the evaluations above; the last one (step 5) "
-            "measured worse.") in open(os.path.join(best, "README.md")).read()
-    assert "The weights saved" not in open(os.path.join(short, "README.md")).read()
+    assert ("The weights and σ tables saved are those of the Phase-2 evaluation at step 2 (RMSE 1), the best of the "
+            "evaluations above; the last, the Phase-2 evaluation at step 5, measured worse.") in open(
+                os.path.join(best, "README.md")).read()
+    assert "The weights and σ tables saved" not in open(os.path.join(short, "README.md")).read()
+    # resumed into another folder, where the best weights are not: the last weights, and no claim about the best
+    last, moved = str(tmp_path / "last"), str(tmp_path / "moved")
+    train.main(train.parse_args([*common, "--phase2_steps", "5", "--output_dir", last, "--no-keep_best"]))
+    final = max((d for d in os.listdir(best) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    train.main(train.parse_args([*common, "--phase2_steps", "5", "--output_dir", moved,
+                                 "--resume_from_checkpoint", os.path.join(best, final)]))
+    a, b = _weights(moved), _weights(last)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(os.path.join(moved, "metrics.json")))["best"] == {}
+    assert "The weights and σ tables saved" not in open(os.path.join(moved, "README.md")).read()
     from diffusers_fewstep.model_card import kept_text
 
-    untuned = kept_text({"global_step": 0, "metric": "fd", "value": 2.9, "tables": {"2": [], "4": []}},
-                        [{"global_step": 0}, {"global_step": 500}])
-    assert "step 0: the base model's, tuning did not improve on it (FD summed over the counts 2.9)" in untuned
+    metrics = [{"global_step": 0, "phase": "phase1"}, {"global_step": 500, "phase": "phase2"}]
+    untuned = kept_text({"global_step": 0, "phase": "phase1", "metric": "fd", "value": 2.9, "tables": {"2": [], "4": []}},
+                        metrics)
+    assert "the Phase-1 evaluation at step 0, the base model's: tuning did not improve on it (FD summed over" in untuned
+    # the same step, but the last row is a later Phase 1 with other tables: the card names both evaluations
+    tables_only = kept_text({"global_step": 500, "phase": "phase2", "metric": "fd", "value": 0.5, "tables": {"4": []}},
+                            [*metrics, {"global_step": 500, "phase": "phase1"}])
+    assert "the Phase-2 evaluation at step 500 (FD 0.5), the best of the evaluations above; the last, the Phase-1 " \
+           "evaluation at step 500, measured worse" in tables_only
 
 
 def test_pool_rmse_is_the_endpoint_rmse_of_the_pools_own_noises(tiny_pipeline):

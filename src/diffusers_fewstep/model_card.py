@@ -136,14 +136,20 @@ def text_to_image_use(base_model: str, repo_id: str, use_lora: bool, tuned: bool
             "from diffusers_fewstep import LearnedScheduleScheduler\n\n" + "\n".join(lines))
 
 
+def evaluation_name(row: dict) -> str:
+    """An evaluation row (or `TrainState.best`) in words: "the Phase-2 evaluation at step 500"."""
+    return f"the {row['phase'].replace('phase', 'Phase-')} evaluation at step {row['global_step']}"
+
+
 def kept_text(kept: Optional[dict], metrics: List[dict]) -> str:
     """A line when the saved weights are not the last evaluation's (`--keep_best`): which step's, and why."""
-    if not kept or not metrics or kept["global_step"] == metrics[-1]["global_step"]:
+    last = metrics[-1] if metrics else None
+    if not kept or not last or (kept["global_step"], kept["phase"]) == (last["global_step"], last["phase"]):
         return ""
     name = kept["metric"].upper() + (" summed over the counts" if len(kept["tables"]) > 1 else "")
-    base = ": the base model's, tuning did not improve on it" if kept["global_step"] == 0 else ""
-    return (f"\nThe weights saved are those of step {kept['global_step']}{base} ({name} {kept['value']:.4g}), the best of "
-            f"the evaluations above; the last one (step {metrics[-1]['global_step']}) measured worse.\n")
+    base = ", the base model's: tuning did not improve on it" if kept["global_step"] == 0 else ""
+    return (f"\nThe weights and σ tables saved are those of {evaluation_name(kept)}{base} ({name} {kept['value']:.4g}), "
+            f"the best of the evaluations above; the last, {evaluation_name(last)}, measured worse.\n")
 
 
 def card_text(base_model: str, tables: Dict[str, Sequence[float]], metrics: List[dict], solver: str,

@@ -196,6 +196,7 @@ class TrainState:
         self.tables, self.metrics = json.loads(state["tables"]), json.loads(state["metrics"])
         self.divergence = json.loads(state.get("divergence", "{}"))
         self.timing = json.loads(state["timing"]) if "timing" in state else dict(NO_TIME)
+        self.window = (self.timing["steps"], self.timing["step_s"])  # the next row's recent speed: this session's
         self.best = json.loads(state.get("best", "{}"))
 
     def throughput(self, global_batch: int) -> dict:
@@ -417,8 +418,6 @@ def main(args: argparse.Namespace) -> str:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(state)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("fewstep", config={k: str(v) for k, v in vars(args).items()})
 
     denoiser = t2i.denoiser if t2i is not None else (lambda m: SigmaDenoiser(m, base_config))
     student = denoiser(model)
@@ -441,6 +440,8 @@ def main(args: argparse.Namespace) -> str:
     resumed = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
     if resumed:
         args.learning_rate = set_learning_rate(accelerator, optimizer, lr_scheduler, given_learning_rate)
+    if accelerator.is_main_process:  # after the resume: the learning rate in force
+        accelerator.init_trackers("fewstep", config={k: str(v) for k, v in vars(args).items()})
     if ema is not None:
         ema.to(device)
     ev = eval_set(teacher, args, device, rows) if accelerator.is_main_process and args.eval_samples > 0 else None
@@ -519,7 +520,8 @@ def compile_model(model, device, mode: Optional[str] = None) -> None:
     kwargs = {"mode": mode} if mode and backend == "inductor" else {}
     # every compiled module shares nn.Module._call_impl's dynamo cache (default limit 8 entries; one tiny SD run used 6:
     # student and teacher, with and without gradients, training and evaluation shapes); past it dynamo runs eagerly
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_CACHE_ENTRIES)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch ≤ 2.6
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), COMPILE_CACHE_ENTRIES))
     logger.info("torch.compile(backend=%r%s) of the trained model", backend, f", mode={mode!r}" if kwargs else "")
     model.compile(backend=backend, **kwargs)
 

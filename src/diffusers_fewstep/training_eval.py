@@ -19,7 +19,7 @@ from .adapter import SigmaDenoiser
 from .evaluation import (REFERENCE_SOLVER, endpoint_rmse, extract_features, frechet_distance, generate,
                          load_fmnist_classifier, noise_bank, reference_sigmas, reference_statistics)
 from .finetune import ema_weights
-from .model_card import tuning_shortfall
+from .model_card import evaluation_name, tuning_shortfall
 from .reference import choose as choose_reference
 from .schedules import baseline_sigmas
 
@@ -141,51 +141,65 @@ def row_quality(row: dict, nfes) -> Tuple[str, float]:
 
 
 def keep_if_best(state, row: dict, model: torch.nn.Module, args) -> None:
-    """When `row` beats `state.best` (:func:`row_quality`): the trained weights as evaluated (the EMA's) go to
-    :data:`BEST_WEIGHTS` in the output folder, tagged with the row's step, and the row's step, round, measure and
-    tables to `state.best`."""
+    """When `row` beats `state.best` (:func:`row_quality`; a best of another measure, after a resume that changed
+    `--fd_classifier`, does not count): the trained weights as evaluated (the EMA's) go to :data:`BEST_WEIGHTS` in the
+    output folder, tagged with the row's step, and the row's step, phase, measure and tables to `state.best`."""
     from safetensors.torch import save_file
 
     metric, value = row_quality(row, args.nfe)
-    if state.best and not value < state.best["value"]:
+    if state.best and state.best["metric"] == metric and not value < state.best["value"]:
         return
     weights = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
     os.makedirs(args.output_dir, exist_ok=True)
-    save_file(weights, os.path.join(args.output_dir, BEST_WEIGHTS), metadata={"global_step": str(row["global_step"])})
+    path = os.path.join(args.output_dir, BEST_WEIGHTS)
+    save_file(weights, f"{path}.tmp", metadata={"global_step": str(row["global_step"])})
+    os.replace(f"{path}.tmp", path)  # whole or absent, should the run be killed while saving
     state.best = {"global_step": row["global_step"], "round": row["round"], "phase": row["phase"], "metric": metric,
                   "value": value, "tables": {k: list(v) for k, v in state.tables.items()}}
 
 
-def restore_best(args, state, model: torch.nn.Module, ema) -> None:
-    """At the end, with `--keep_best`: the weights and tables of the best evaluation replace the last ones (in the
-    EMA too) unless the last evaluation was the best. Weights whose step tag differs from `state.best` (a run killed
-    after a better evaluation and before the checkpoint that knew of it) are left alone, with a warning."""
+def _best_weights(path: str, step: int) -> Optional[dict]:
+    """The tensors of :data:`BEST_WEIGHTS` if the file is there, readable and tagged with `step`, else None."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(path, "pt") as f:
+            if f.metadata().get("global_step") != str(step):
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception:  # missing (a resume into another folder) or unreadable
+        return None
+
+
+def restore_best(args, state, model: torch.nn.Module, ema) -> None:
+    """At the end, with `--keep_best`: the weights and tables of the best evaluation replace the last ones (in the
+    EMA too) unless the last evaluation was the best. If the best weights cannot be read back (a resume into another
+    output folder; a run killed after a better evaluation and before the checkpoint that knew of it), the last ones
+    stay, `state.best` is cleared (so the card claims nothing) and the log says so."""
     last = state.metrics[-1] if state.metrics else None
-    if not (args.keep_best and state.best and last) or state.best["global_step"] == last["global_step"] and (
-            state.best["tables"] == state.tables):
+    if not (args.keep_best and state.best and last):
+        return
+    if state.best["global_step"] == last["global_step"] and state.best["tables"] == state.tables:
         return
     path = os.path.join(args.output_dir, BEST_WEIGHTS)
-    with safe_open(path, "pt") as f:
-        if f.metadata().get("global_step") != str(state.best["global_step"]):
-            logger.warning("%s is not the weights of the best evaluation (step %s); keeping the last weights", path,
-                           state.best["global_step"])
-            return
-        best = {name: f.get_tensor(name) for name in f.keys()}
-    params = dict((name, p) for name, p in model.named_parameters() if p.requires_grad)
+    best = _best_weights(path, state.best["global_step"])
+    if best is None:
+        logger.warning("%s does not hold the weights of %s; keeping the last weights and tables", path,
+                       evaluation_name(state.best))
+        state.best = {}
+        return
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(best[name])
-        if ema is not None:
+        if ema is not None:  # its shadow parameters follow the same order
             for shadow, p in zip(ema.shadow_params, params.values()):
                 shadow.copy_(p)
     state.tables = state.best["tables"]
     metric, value = row_quality(last, args.nfe)
-    logger.warning("kept the weights and tables of step %d%s (%s %.4g, the best evaluation), not the last ones "
-                   "(step %d, %s %.4g); --no-keep_best keeps the last", state.best["global_step"],
-                   " (the base model's)" if state.best["global_step"] == 0 else "", metric, state.best["value"],
-                   last["global_step"], metric, value)
+    logger.warning("kept the weights and tables of %s%s (%s %.4g, the best), not of %s (%s %.4g); --no-keep_best keeps "
+                   "the last", evaluation_name(state.best), " (the base model's)" if state.best["global_step"] == 0 else "",
+                   metric, state.best["value"], evaluation_name(last), metric, value)
 
 
 POOL_FIT_RATIO = 0.8  # RMSE on the pool below this fraction of the RMSE on fresh noises: the model fits its pool
