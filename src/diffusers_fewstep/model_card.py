@@ -141,11 +141,17 @@ def evaluation_name(row: dict) -> str:
     return f"the {row['phase'].replace('phase', 'Phase-')} evaluation at step {row['global_step']}"
 
 
+def kept_is_last(kept: Optional[dict], metrics: List[dict]) -> bool:
+    """Whether the kept evaluation (`TrainState.best`; none kept counts as yes) is the last row of `metrics`."""
+    return not kept or not metrics or (kept["global_step"], kept["phase"]) == (
+        metrics[-1]["global_step"], metrics[-1]["phase"])
+
+
 def kept_text(kept: Optional[dict], metrics: List[dict]) -> str:
     """A line when the saved weights are not the last evaluation's (`--keep_best`): which step's, and why."""
-    last = metrics[-1] if metrics else None
-    if not kept or not last or (kept["global_step"], kept["phase"]) == (last["global_step"], last["phase"]):
+    if kept_is_last(kept, metrics):
         return ""
+    last = metrics[-1]
     name = kept["metric"].upper() + (" summed over the counts" if len(kept["tables"]) > 1 else "")
     base = ", the base model's: tuning did not improve on it" if kept["global_step"] == 0 else ""
     return (f"\nThe weights and σ tables saved are those of {evaluation_name(kept)}{base} ({name} {kept['value']:.4g}), "

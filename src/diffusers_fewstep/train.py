@@ -43,6 +43,7 @@ from .adapter import SigmaDenoiser
 from .checkpoints import (StopSignals, TrainingStopped, resume, save_after_error, save_or_stop, set_learning_rate,
                           step_outcome, stop_if_diverged)
 from .data import load_images
+from .evaluation import sample_shape
 from .finetune import (LORA_TARGET_MODULES, PHASE2_LOSSES, PHASE2_TARGETS, TEXT_TO_IMAGE_LORA_MODULES, adapter_only_checkpoints, add_lora, auto_target,
                        ema_weights, lora_target_modules, make_teacher, phase2_loss, teacher_states)
 from .schedules import starting_tables
@@ -375,8 +376,6 @@ def main(args: argparse.Namespace) -> str:
         t2i = load_training_pipeline(args, device, need_images=max(args.denoising_weight) > 0)
         model, base_config, args.sample_shape = t2i.model, t2i.encoded.scheduler_config, t2i.encoded.sample_shape
     else:
-        from .evaluation import sample_shape
-
         model, base_config = load_model_and_scheduler_config(args.pretrained_model_name_or_path)
         args.sample_shape = sample_shape(model)
     resolve_targets(args, t2i and t2i.encoded)
@@ -492,7 +491,8 @@ def _speed_options(accelerator, model, teacher_module, args) -> None:
     """`--channels_last` (model and teacher), `--gradient_checkpointing` (the trained model) and `--compile` (the
     trained model, and full tuning's frozen teacher copy: a LoRA teacher is the compiled model with its adapter off),
     before `accelerator.prepare`. The teacher runs without gradients, where diffusers' checkpointing does nothing.
-    Compiled, the fixture's teacher built a 12,288-trajectory pool in 29 s against 89 s (2026-11-24)."""
+    A LoRA run's compiled teacher built the fixture's 12,288-trajectory pool in 29 s, full tuning's uncompiled copy in
+    89 s (2026-11-24); the compiled copy is not yet timed."""
     if args.gradient_checkpointing:
         (model.get_base_model() if hasattr(model, "get_base_model") else model).enable_gradient_checkpointing()
     if args.channels_last:
@@ -682,7 +682,7 @@ def save_output(args, state: TrainState, model, ema, base_config: dict, step_cou
                     hub_model_id=args.hub_model_id, step_counts=step_counts,
                     text_to_image=None if t2i is None else t2i.provenance(),
                     fixed_tables=args.phase1_init if args.phase1_iters == 0 else None, reference=args.reference,
-                    targets=targets, kept=state.best if args.keep_best else None)
+                    targets=targets, kept=state.best)
 
 
 def _save_pipeline(model, scheduler, args) -> None:

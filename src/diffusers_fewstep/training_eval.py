@@ -14,12 +14,14 @@ import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .adapter import SigmaDenoiser
 from .evaluation import (REFERENCE_SOLVER, endpoint_rmse, extract_features, frechet_distance, generate,
                          load_fmnist_classifier, noise_bank, reference_sigmas, reference_statistics)
 from .finetune import ema_weights
-from .model_card import evaluation_name, tuning_shortfall
+from .model_card import evaluation_name, kept_is_last, tuning_shortfall
 from .reference import choose as choose_reference
 from .schedules import baseline_sigmas
 
@@ -29,8 +31,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def trainable_by_name(model) -> Dict[str, torch.nn.Parameter]:
+    """The trained parameters (all of full tuning; the adapter's under LoRA), by name, in the model's order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def trainable(model) -> list:
-    return [p for p in model.parameters() if p.requires_grad]
+    return list(trainable_by_name(model).values())
 
 
 def batched(fn: Callable, noise: torch.Tensor, args, rows: Optional[Conditioning] = None) -> torch.Tensor:
@@ -141,15 +148,15 @@ def row_quality(row: dict, nfes) -> Tuple[str, float]:
 
 
 def keep_if_best(state, row: dict, model: torch.nn.Module, args) -> None:
-    """When `row` beats `state.best` (:func:`row_quality`; a best of another measure, after a resume that changed
-    `--fd_classifier`, does not count): the trained weights as evaluated (the EMA's) go to :data:`BEST_WEIGHTS` in the
-    output folder, tagged with the row's step, and the row's step, phase, measure and tables to `state.best`."""
-    from safetensors.torch import save_file
-
+    """When `row` is as good as `state.best` or better (:func:`row_quality`; a tie goes to the later row, so an equal
+    re-evaluation of the same weights and tables is the last one; a best of another measure, after a resume that
+    changed `--fd_classifier`, does not count): the trained weights as evaluated (the EMA's) go to
+    :data:`BEST_WEIGHTS` in the output folder, tagged with the row's step, and the row's step, phase, measure and tables
+    to `state.best`."""
     metric, value = row_quality(row, args.nfe)
-    if state.best and state.best["metric"] == metric and not value < state.best["value"]:
+    if state.best and state.best["metric"] == metric and not value <= state.best["value"]:  # NaN: not kept
         return
-    weights = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name: p.detach().contiguous().cpu() for name, p in trainable_by_name(model).items()}
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, BEST_WEIGHTS)
     save_file(weights, f"{path}.tmp", metadata={"global_step": str(row["global_step"])})
@@ -160,14 +167,12 @@ def keep_if_best(state, row: dict, model: torch.nn.Module, args) -> None:
 
 def _best_weights(path: str, step: int) -> Optional[dict]:
     """The tensors of :data:`BEST_WEIGHTS` if the file is there, readable and tagged with `step`, else None."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, "pt") as f:
             if f.metadata().get("global_step") != str(step):
                 return None
             return {name: f.get_tensor(name) for name in f.keys()}
-    except Exception:  # missing (a resume into another folder) or unreadable
+    except (OSError, SafetensorError):  # missing (a resume into another folder) or unreadable
         return None
 
 
@@ -175,12 +180,13 @@ def restore_best(args, state, model: torch.nn.Module, ema) -> None:
     """At the end, with `--keep_best`: the weights and tables of the best evaluation replace the last ones (in the
     EMA too) unless the last evaluation was the best. If the best weights cannot be read back (a resume into another
     output folder; a run killed after a better evaluation and before the checkpoint that knew of it), the last ones
-    stay, `state.best` is cleared (so the card claims nothing) and the log says so."""
-    last = state.metrics[-1] if state.metrics else None
-    if not (args.keep_best and state.best and last):
+    stay, `state.best` is cleared (so the card claims nothing) and the log says so; so it is under `--no-keep_best`
+    (a resume of a run that kept one)."""
+    if not args.keep_best:
+        state.best = {}
+    if kept_is_last(state.best, state.metrics):
         return
-    if state.best["global_step"] == last["global_step"] and state.best["tables"] == state.tables:
-        return
+    last = state.metrics[-1]
     path = os.path.join(args.output_dir, BEST_WEIGHTS)
     best = _best_weights(path, state.best["global_step"])
     if best is None:
@@ -188,7 +194,7 @@ def restore_best(args, state, model: torch.nn.Module, ema) -> None:
                        evaluation_name(state.best))
         state.best = {}
         return
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = trainable_by_name(model)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(best[name])
