@@ -76,11 +76,11 @@ def tuning_shortfall(rows: List[dict]) -> str:
     found = "; ".join(f"{r['nfe']} steps: {metric.upper()} {r[f'tuned_{metric}']:.4g} against the base model's "
                       f"{r[f'base_{metric}']:.4g}" for r in short)
     together = len({r["nfe"] for r in rows if r["tuned_count"]}) > 1
-    advice = ("tune a model for that count alone: tuned together, the counts ask one network for different steps "
-              "from the same noise (a flow model tuned for 2, 4 and 8 steps at once ended worse than the base model "
-              "at 8)" if together else "train longer")
+    advice = ("; with several counts tuned at once, training longer may not help (a flow model tuned for 2, 4 and 8 "
+              "steps at once stayed worse than the base model at 8 from step 1,200 to 2,400)" if together
+              else ", or train longer")
     return (f"**Tuning did not help at every count it was meant for.** No better than the base model with the same "
-            f"table at {found}. Sample the base model with the learned table there, or {advice}.")
+            f"table at {found}. Sample the base model with the learned table there{advice}.")
 
 
 def targets_text(targets: Dict[str, str]) -> str:
