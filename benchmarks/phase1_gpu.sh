@@ -39,13 +39,14 @@ TRAIN_SUBSET=${TRAIN_SUBSET:-.stage/train50k}
 train_data() {  # the carried training subset as the IDX .gz files the trainers read
   mkdir -p "$W/train"
   [ -f "$W/train/train-images-idx3-ubyte.gz" ] || python3 - "$W/train" "$TRAIN_SUBSET" <<'PY'
-import gzip, lzma, shutil, sys
+import gzip, lzma, os, shutil, sys
 out, subset = sys.argv[1:]
 with open(f"{subset}/train-images-idx3-ubyte.xz", "rb") as f, gzip.open(f"{out}/train-images-idx3-ubyte.gz", "wb", 1) as g:
     g.write(lzma.decompress(f.read()))
 shutil.copy(f"{subset}/train-labels-idx1-ubyte.gz", out)
-for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-    shutil.copy(f".stage/fashion-mnist/{name}", out)
+for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):  # absent where only fd_statistics.npz travels:
+    if os.path.exists(f".stage/fashion-mnist/{name}"):                     # the DPM trainer reads the train split alone
+        shutil.copy(f".stage/fashion-mnist/{name}", out)
 PY
 }
 
