@@ -82,6 +82,7 @@ phase1() {  # one model: optimize (defaults), benchmark, diagnostics
 
 t2i() {  # train one tiny text-to-image fixture (benchmarks/t2i) and score the stock schedulers on it
   local kind=$1 dir="$W/t2i"
+  [ -f "$W/train/t10k-images-idx3-ubyte.gz" ] || { stamp "t2i $kind: needs the test split (carry .stage/fashion-mnist, not fd_statistics.npz alone)"; return 1; }
   mkdir -p "$dir"
   python3 benchmarks/t2i/train_tiny_t2i.py --kind "$kind" --data "$W/train" --out "$dir/fmnist-t2i-$kind" \
     --seconds "${T2I_SECONDS:-300}" --classifier .stage/fmnist-classifier > "$W/logs/t2i-train-$kind.log" 2>&1
