@@ -257,3 +257,29 @@ def test_existing_table_competes_and_is_kept_when_better(gm):
                     existing={4: (first.tables[4], "euler")})
     kept = next(c for c in second.candidates[4] if c["kept"])
     assert kept["source"] == "existing" and second.tables[4] == pytest.approx(first.tables[4])
+
+
+def test_end_search_lowers_a_high_end_while_the_held_out_measure_improves(gm):
+    from diffusers_fewstep import learning, reference
+    from diffusers_fewstep.optimizer import END_STEP, _search_end
+    from diffusers_fewstep.selection import Candidate, Paths, score
+
+    held_out = Paths(128, (4,), "cpu", torch.Generator().manual_seed(1))
+    held_out.solve_references(gm, reference.choose("ode", gm, 100), 128)
+    run = learning.Run(gm, None, gm.schedule, None, {"select_by": "rmse", "batch_size": 32}, None, False)
+    start = Candidate("ddim_trailing+euler", "euler", baseline_sigmas("ddim_trailing", 3, gm.schedule).tolist(), "stock")
+    start.scores = score(gm, held_out, start.table, "euler", 128)
+    tried = _search_end(start, run, held_out)
+    assert len(tried) >= 2
+    for k, c in enumerate(tried, 1):  # only the last positive σ moves, by END_STEP per try
+        assert c.source == "end" and c.start == start.name
+        assert c.table[:-2] == start.table[:-2] and c.table[-1] == 0.0
+        assert c.table[-2] == pytest.approx(start.table[-2] * END_STEP ** k)
+    rmse = [start.scores["rmse"]] + [c.scores["rmse"] for c in tried]
+    assert all(b < a for a, b in zip(rmse[:-2], rmse[1:-1]))  # it went on while the measure improved
+    assert rmse[-1] >= rmse[-2] or tried[-1].table[-2] * END_STEP < gm.schedule.sigma_min  # and stopped at a loss
+    assert min(rmse) < 0.9 * start.scores["rmse"]  # trailing's end (t = T/N) is far too high on this model
+    # a table that already ends at σ_min has nothing to search
+    karras = Candidate("karras+euler", "euler", baseline_sigmas("karras", 3, gm.schedule).tolist(), "stock")
+    karras.scores = score(gm, held_out, karras.table, "euler", 128)
+    assert _search_end(karras, run, held_out) == []

@@ -8,8 +8,9 @@ Per step count N:
 1. candidates: the stock tables at N steps (diffusers' own schedulers' σ's and the hand-made baselines,
    :func:`~diffusers_fewstep.schedules.stock_tables`) with every solver asked for, plus `init` and `existing`;
 2. each is scored on held-out noises against their reference solutions (:mod:`~diffusers_fewstep.selection`);
-3. the `starts` best are learned further: Adam through the solver on the training paths, both ends of
-   the table fixed (:class:`~diffusers_fewstep.learning.MonotoneSigmas`, :mod:`~diffusers_fewstep.learning`), and scored too;
+3. the `starts` best are learned further: first the end search lowers each one's last positive σ while the held-out
+   measure improves (tables that stop at t = T/N end far above σ_min), then Adam through the solver on the training
+   paths, both ends of the table fixed (:class:`~diffusers_fewstep.learning.MonotoneSigmas`, :mod:`~diffusers_fewstep.learning`), and scored too;
 4. the best by `select_by` is kept, so the result is never worse, on that held-out measure, than any
    stock table of the solvers asked for.
 
@@ -38,6 +39,7 @@ from .solvers import SOLVERS, canonical_solver
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("trajectory", "bound_propagated", "bound")
+END_STEP = 0.7  # the end search lowers the last positive σ by this factor per try
 METHODS = ("adam", "fixed_point")
 
 
@@ -388,13 +390,37 @@ def _candidates_for(nfe, run: learning.Run, solver_list, init, existing, held_ou
             first = init_table or baseline_sigmas("ddim_trailing", nfe, schedule).tolist()
             starts = [Candidate(f"init+{solver_list[0]}", solver_list[0], first, "init")]
         else:
-            starts = sorted(candidates, key=lambda c: c.scores[s["select_by"]])[: s["starts"]]
+            starts = []
+            for start in sorted(candidates, key=lambda c: c.scores[s["select_by"]])[: s["starts"]]:
+                lowered = _search_end(start, run, held_out)
+                candidates += lowered
+                starts.append(min([start] + lowered, key=lambda c: c.scores[s["select_by"]]))
         learned = []
         for start in starts:
             table, history[start.name] = learning.learn_trajectory(run, start)
             learned.append(Candidate(f"learned:{start.name}", start.solver, table, "learned", start=start.name))
     _score_all(learned, run, held_out, nfe)
     return candidates + learned, history
+
+
+def _search_end(start: Candidate, run: learning.Run, held_out) -> List[Candidate]:
+    """The end search (docs/method.md): `start` with its last positive σ lowered by `END_STEP` at a time, each scored on
+    `held_out`, while the held-out measure improves and σ stays ≥ σ_min. Tables that stop at t = T/N (diffusers'
+    leading and trailing spacings) end far above σ_min, and learning keeps that end fixed."""
+    measure, tried, current = run.settings["select_by"], [], start
+    while current.table[-1] == 0 and len(current.table) > 2:
+        last = current.table[-2] * END_STEP
+        if last < run.schedule.sigma_min:
+            break
+        lowered = Candidate(f"{start.name}, end {last:.3g}", start.solver, current.table[:-2] + [last, 0.0], "end",
+                            start=start.name)
+        lowered.scores = score(run.model_fn, held_out, lowered.table, lowered.solver, 4 * run.settings["batch_size"],
+                               run.features)
+        tried.append(lowered)
+        if lowered.scores[measure] >= current.scores[measure]:
+            break
+        current = lowered
+    return tried
 
 
 def _score_all(candidates, run: learning.Run, held_out, nfe) -> None:

@@ -117,7 +117,7 @@ class Candidate:
     name: str
     solver: str
     table: List[float]
-    source: str  # "stock", "learned", "init", "existing"
+    source: str  # "stock", "init", "existing", "end" (a start with its end lowered), "learned"
     scores: Dict[str, float] = field(default_factory=dict)
     start: Optional[str] = None  # learned: the candidate it started from
 
