@@ -10,7 +10,8 @@ Per step count N:
 2. each is scored on held-out noises against their reference solutions (:mod:`~diffusers_fewstep.selection`);
 3. the `starts` best are learned further: first the end search lowers each one's last positive σ while the held-out
    measure improves (tables that stop at t = T/N end far above σ_min), then Adam through the solver on the training
-   paths, both ends of the table fixed (:class:`~diffusers_fewstep.learning.MonotoneSigmas`, :mod:`~diffusers_fewstep.learning`), and scored too;
+   paths, both ends of the table fixed (:class:`~diffusers_fewstep.learning.MonotoneSigmas`,
+   :mod:`~diffusers_fewstep.learning`), and scored too;
 4. the best by `select_by` is kept, so the result is never worse, on that held-out measure, than any
    stock table of the solvers asked for.
 
@@ -39,8 +40,8 @@ from .solvers import SOLVERS, canonical_solver
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("trajectory", "bound_propagated", "bound")
-END_STEP = 0.7  # the end search lowers the last positive σ by this factor per try
 METHODS = ("adam", "fixed_point")
+END_STEP = 0.7  # the end search lowers the last positive σ by this factor per try
 
 
 # --- result ---------------------------------------------------------------------------------
@@ -404,9 +405,9 @@ def _candidates_for(nfe, run: learning.Run, solver_list, init, existing, held_ou
 
 
 def _search_end(start: Candidate, run: learning.Run, held_out) -> List[Candidate]:
-    """The end search (docs/method.md): `start` with its last positive σ lowered by `END_STEP` at a time, each scored on
-    `held_out`, while the held-out measure improves and σ stays ≥ σ_min. Tables that stop at t = T/N (diffusers'
-    leading and trailing spacings) end far above σ_min, and learning keeps that end fixed."""
+    """The end search (docs/method.md): `start` with its last positive σ lowered by `END_STEP` at a time, each
+    scored on `held_out`, while the held-out measure improves and σ stays ≥ σ_min. Tables that stop at t = T/N
+    (diffusers' leading and trailing spacings) end far above σ_min, and learning keeps that end fixed."""
     measure, tried, current = run.settings["select_by"], [], start
     while current.table[-1] == 0 and len(current.table) > 2:
         last = current.table[-2] * END_STEP
@@ -414,8 +415,7 @@ def _search_end(start: Candidate, run: learning.Run, held_out) -> List[Candidate
             break
         lowered = Candidate(f"{start.name}, end {last:.3g}", start.solver, current.table[:-2] + [last, 0.0], "end",
                             start=start.name)
-        lowered.scores = score(run.model_fn, held_out, lowered.table, lowered.solver, 4 * run.settings["batch_size"],
-                               run.features)
+        _score(lowered, run, held_out)
         tried.append(lowered)
         if lowered.scores[measure] >= current.scores[measure]:
             break
@@ -428,4 +428,8 @@ def _score_all(candidates, run: learning.Run, held_out, nfe) -> None:
         return
     for c in tqdm(candidates, desc=f"NFE {nfe} · scoring {len(candidates)} tables on held-out noises",
                   disable=not run.progress or not candidates):
-        c.scores = score(run.model_fn, held_out, c.table, c.solver, 4 * run.settings["batch_size"], run.features)
+        _score(c, run, held_out)
+
+
+def _score(c: Candidate, run: learning.Run, held_out) -> None:
+    c.scores = score(run.model_fn, held_out, c.table, c.solver, 4 * run.settings["batch_size"], run.features)
