@@ -5,7 +5,7 @@ fixed point). :func:`~diffusers_fewstep.optimizer.optimize_schedule` decides whi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, List, Sequence
 
 import torch
@@ -142,6 +142,11 @@ class Run:
     settings: dict
     generator: torch.Generator
     progress: bool
+
+    def stream(self, nfe: int, index: int = 0) -> "Run":
+        """This run with its own random stream for learner `index` at `nfe` steps: a table learned at one step
+        count does not depend on which other counts or starts were learned before it."""
+        return replace(self, generator=torch.Generator().manual_seed(self.settings["seed"] + 1000 * nfe + index + 3))
 
 
 def learn_trajectory(run: Run, start: Candidate) -> tuple:

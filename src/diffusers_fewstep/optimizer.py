@@ -384,7 +384,7 @@ def _candidates_for(nfe, run: learning.Run, solver_list, init, existing, held_ou
     _score_all(candidates, run, held_out, nfe)
     history = {}
     if s["objective"] != "trajectory":
-        table, history["bound"] = learning.learn_bound(run, init_table or baseline_sigmas("ddim_trailing", nfe, schedule).tolist())
+        table, history["bound"] = learning.learn_bound(run.stream(nfe), init_table or baseline_sigmas("ddim_trailing", nfe, schedule).tolist())
         learned = [Candidate(f"learned:{s['objective']}", "euler", table, "learned")]
     else:
         if held_out is None:
@@ -397,8 +397,8 @@ def _candidates_for(nfe, run: learning.Run, solver_list, init, existing, held_ou
                 candidates += lowered
                 starts.append(min([start] + lowered, key=lambda c: c.scores[s["select_by"]]))
         learned = []
-        for start in starts:
-            table, history[start.name] = learning.learn_trajectory(run, start)
+        for i, start in enumerate(starts):
+            table, history[start.name] = learning.learn_trajectory(run.stream(nfe, i), start)
             learned.append(Candidate(f"learned:{start.name}", start.solver, table, "learned", start=start.name))
     _score_all(learned, run, held_out, nfe)
     return candidates + learned, history
