@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from diffusers_fewstep import LearnedScheduleScheduler, learning, objectives
+from diffusers_fewstep import LearnedScheduleScheduler, objectives
 from diffusers_fewstep.optimizer import MonotoneSigmas, optimize_schedule
 from diffusers_fewstep.schedules import baseline_sigmas, validate_sigmas
 from diffusers_fewstep.solvers import sample
@@ -228,8 +228,7 @@ def test_selection_keeps_the_best_candidate_and_never_loses_to_a_stock_table(gm,
         kept = [c for c in cands if c["kept"]]
         assert len(kept) == 1 and kept[0]["scores"]["rmse"] == min(c["scores"]["rmse"] for c in cands)
         assert {c["source"] for c in cands} == {"stock", "init", "learned"}
-        learned = [c["name"] for c in cands if c["source"] == "learned"]  # per start: 3 snapshots, then its last
-        assert len(learned) == 2 * (1 + learning.SNAPSHOTS) and sum("@" in n for n in learned) == 2 * learning.SNAPSHOTS
+        assert sum(c["source"] == "learned" for c in cands) == 2
         assert kept[0]["source"] == "learned"  # learning pays on this model
         stock = min(c["scores"]["rmse"] for c in cands if c["source"] == "stock")
         assert kept[0]["scores"]["rmse"] < 0.8 * stock

@@ -17,7 +17,6 @@ from .selection import Candidate, Paths, extra_args
 
 MAX_STEP_RATIO = 20.0  # fixed point: largest change of one u-step relative to its neighbour per iteration
 MIN_INCREMENT = 1e-4  # smallest share of the log-σ span one increment can take (divided by their number)
-SNAPSHOTS = 3  # tables kept along an Adam run (at each quarter), scored on held-out noises beside its last
 
 
 # --- the monotone parameterisation ------------------------------------------------------------
@@ -77,16 +76,11 @@ def _batches(n, batch_size, generator):
 
 
 def _adam(loss_fn, param: MonotoneSigmas, num_iters, lr, patience, bar):
-    """Adam on the logits with a cosine learning-rate decay to lr/10; early stopping on an EMA. Returns the last
-    table, the loss history and `SNAPSHOTS` tables from along the way (at every quarter of `num_iters` reached)."""
+    """Adam on the logits with a cosine learning-rate decay to lr/10; early stopping on an EMA."""
     opt = torch.optim.Adam(param.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(num_iters, 1), eta_min=lr / 10)
-    history, ema, best_ema, since, snapshots = [], None, math.inf, 0, []
-    every = num_iters // (SNAPSHOTS + 1)
-    for it in bar:
-        if every and it and it % every == 0 and len(snapshots) < SNAPSHOTS:
-            with torch.no_grad():
-                snapshots.append(param().tolist())
+    history, ema, best_ema, since = [], None, math.inf, 0
+    for _ in bar:
         loss = loss_fn(param())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,7 +97,7 @@ def _adam(loss_fn, param: MonotoneSigmas, num_iters, lr, patience, bar):
         if patience is not None and since >= patience:
             break
     with torch.no_grad():
-        return param().tolist(), history, snapshots
+        return param().tolist(), history
 
 
 def _fixed_point(targets_fn, table: Sequence[float], num_iters, tol, damping, bar):
@@ -156,12 +150,11 @@ class Run:
 
 
 def learn_trajectory(run: Run, start: Candidate) -> tuple:
-    """Adam on the table `start` (ends fixed) through its solver, against the pool's references: the last
-    table, the loss history and the snapshots (see `_adam`)."""
+    """Adam on the table `start` (ends fixed) through its solver, against the pool's references."""
     s = run.settings
     param = MonotoneSigmas(start.table, run.schedule.sigma_min, s["free_last"]).to(run.pool.noise.device)
     if not param.learnable:
-        return list(start.table), [], []
+        return list(start.table), []
     batches = _batches(len(run.pool), min(s["batch_size"], len(run.pool)), run.generator)
     pool = run.pool
 
@@ -211,6 +204,6 @@ def learn_bound(run: Run, init_table: List[float]) -> tuple:
                                     weighting, s["sigma_data"], s["strata"], generator=run.generator,
                                     extra_args=extra_args(pool.cond, pool.uncond, idx))
 
-        table, history, _ = _adam(loss_fn, param, s["num_iters"], s["lr"], s["patience"], bar)
+        table, history = _adam(loss_fn, param, s["num_iters"], s["lr"], s["patience"], bar)
     table[-1] = 0.0  # the bound ends at σ_min; sampling takes the last step to 0 (DESIGN.md §3)
     return table, history

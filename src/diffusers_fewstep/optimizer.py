@@ -398,11 +398,7 @@ def _candidates_for(nfe, run: learning.Run, solver_list, init, existing, held_ou
                 starts.append(min([start] + lowered, key=lambda c: c.scores[s["select_by"]]))
         learned = []
         for i, start in enumerate(starts):
-            table, history[start.name], snapshots = learning.learn_trajectory(run.stream(nfe, i), start)
-            every = run.settings["num_iters"] // (learning.SNAPSHOTS + 1)
-            if held_out is not None:  # an Adam run can drift: the held-out measure may prefer a table from on the way
-                learned += [Candidate(f"learned:{start.name} @{every * (k + 1)}", start.solver, t, "learned",
-                                      start=start.name) for k, t in enumerate(snapshots)]
+            table, history[start.name] = learning.learn_trajectory(run.stream(nfe, i), start)
             learned.append(Candidate(f"learned:{start.name}", start.solver, table, "learned", start=start.name))
     _score_all(learned, run, held_out, nfe)
     return candidates + learned, history
