@@ -190,9 +190,10 @@ def test_cli_optimize_text_to_image_pipeline(tmp_path, capsys):
                  "--guidance-scale", "3", "--nfe", "2", "--solver", "euler", *TINY, "--output-dir", str(tmp_path / "out")]) == 0
     log = json.loads((tmp_path / "out" / "optimize_log.json").read_text())
     assert log["settings"]["sample_shape"] == [4, 16, 16]
-    # text-to-image defaults: fitted and kept by the distance to the many-step latents (fidelity), not by fd_self
-    assert (log["settings"]["loss"], log["settings"]["select_by"]) == ("l2", "rmse")
-    assert "held-out rmse" in capsys.readouterr().out
+    # text-to-image defaults: fitted to the many-step latents, kept by the RMSE of the decoded images (fidelity)
+    assert (log["settings"]["loss"], log["settings"]["select_by"], log["settings"]["rmse_of"]) == (
+        "l2", "rmse", "decoded images")
+    assert "held-out rmse of decoded images" in capsys.readouterr().out
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
     pipe.scheduler = LearnedScheduleScheduler.from_pretrained(str(tmp_path / "out"), subfolder="scheduler")
     image = pipe("a photo of a sneaker", num_inference_steps=2, guidance_scale=3, output_type="pt",

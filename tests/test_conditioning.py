@@ -267,6 +267,19 @@ def test_mu_is_the_pipelines(name, monkeypatch):
     assert mus[1] > mus[0] + 1e-3  # more image tokens, more shift
 
 
+def test_decode_is_the_pipelines_own(family):
+    """`TextToImage.decode` turns the pipeline's latents into the images its `__call__` returns (as [-1, 1])."""
+    name, pipe, encoded = family
+    run_kwargs, _ = _first_order_table(pipe, name)
+    noise = torch.randn(len(PROMPTS), *encoded.sample_shape, generator=torch.Generator().manual_seed(0))
+    out = {kind: pipe(PROMPTS, guidance_scale=GUIDANCE, latents=noise.clone(), output_type=kind, **run_kwargs).images
+           for kind in ("latent", "pt")}
+    images = encoded.decode(out["latent"])
+    assert images.shape == out["pt"].shape and images.dtype == torch.float32
+    assert float((images - (2 * out["pt"] - 1)).abs().max()) < 1e-5
+    assert float(images.std()) > 1e-3  # not a constant image
+
+
 # --- Flux (guidance-distilled, packed latents) -----------------------------------------------------
 @pytest.fixture(scope="module")
 def flux():
@@ -294,6 +307,16 @@ def test_flux_denoiser_reproduces_the_pipeline(flux):
     assert float((ours(encoded.cond) - reference).abs().max() / scale) < 1e-4
     other_guidance = {**encoded.cond, "guidance": torch.full((2,), 1.0)}
     assert float((ours(other_guidance) - reference).abs().max() / scale) > 1e-3  # the guidance embedding matters
+
+
+def test_flux_decode_unpacks_the_latents(flux):
+    pipe, encoded = flux
+    noise = torch.randn(2, *encoded.sample_shape, generator=torch.Generator().manual_seed(0))
+    out = {kind: pipe(PROMPTS[:2], height=32, width=32, num_inference_steps=2, latents=noise.clone(),
+                      output_type=kind).images for kind in ("latent", "pt")}
+    images = encoded.decode(out["latent"])
+    assert images.shape == out["pt"].shape == (2, 3, 32, 32)
+    assert float((images - (2 * out["pt"] - 1)).abs().max()) < 1e-5
 
 
 def test_flux_optimize_schedule(flux):

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_fewstep import DEFAULT_MODEL, SigmaDenoiser
+from diffusers import DDPMScheduler
+
+from diffusers_fewstep import DEFAULT_MODEL, NoiseSchedule, SigmaDenoiser
 from diffusers_fewstep.features import ModelFeatures
 from diffusers_fewstep.selection import MEASURES, Candidate, Paths, best, check_measure, score
 
@@ -76,3 +78,18 @@ def test_fd_data_prefers_samples_like_the_data_where_fd_self_prefers_samples_lik
     fd_self = {c.name: c.scores["fd_self"] for c in cands}
     assert fd_data["real"] < 0.5 * fd_data["blurred"] and fd_self["blurred"] < 0.5 * fd_self["real"]
     assert best(cands, "fd_data").name == "real" and best(cands, "fd_self").name == "blurred"
+
+
+def test_rmse_compares_decoded_images_when_the_paths_have_a_decoder():
+    """Latent pipelines score fidelity on decoded images: a decoder that discards what the latent RMSE counts
+    (here negative values) reverses the ranking of two candidates."""
+    schedule = NoiseSchedule(DDPMScheduler().config)
+    table = [schedule.sigma_max, 1.0, 0.0]
+    paths = Paths(4, (1, 4, 4), "cpu", torch.Generator().manual_seed(0))
+    paths.reference = torch.zeros(4, 1, 4, 4)
+    samples = {"negative": -torch.ones(4, 1, 4, 4), "positive": torch.full((4, 1, 4, 4), 0.5)}
+    latent = {name: score(_Returns(x, schedule), paths, table, "euler", 4)["rmse"] for name, x in samples.items()}
+    paths.decode_references(lambda z: z.clamp(min=0))
+    decoded = {name: score(_Returns(x, schedule), paths, table, "euler", 4)["rmse"] for name, x in samples.items()}
+    assert latent == pytest.approx({"negative": 1.0, "positive": 0.5})
+    assert decoded == pytest.approx({"negative": 0.0, "positive": 0.5})

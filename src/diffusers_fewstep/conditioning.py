@@ -6,8 +6,9 @@
                                sample_shape=t2i.sample_shape)
     result.save("out", t2i.scheduler_config, base_model="stabilityai/stable-diffusion-xl-base-1.0")
 
-Prompts are encoded once, with the pipeline's own `encode_prompt`; the text encoders and the VAE are dropped
-afterwards (the optimiser works on latents). Solvers, objectives and the optimiser never see text: nested model
+Prompts are encoded once, with the pipeline's own `encode_prompt`; the text encoders are dropped afterwards (the
+optimiser works on latents) and the VAE is kept as `TextToImage.decode`, with which the held-out fidelity is measured
+on decoded images, as users compare them. Solvers, objectives and the optimiser never see text: nested model
 kwargs (SDXL's `added_cond_kwargs`) travel as flat dotted keys that :class:`~diffusers_fewstep.SigmaDenoiser`
 nests again. Supported: Stable Diffusion 1.x/2.x, SDXL, SD3 (classifier-free guidance, negative prompts) and
 Flux (guidance embedding, packed latents, dynamic shifting `mu`).
@@ -21,7 +22,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -105,6 +106,8 @@ class TextToImage:
         prompts (`list[str]`), guidance_scale (`float`), height (`int`), width (`int`): as used.
         mu (`float`, *optional*): the dynamic shift of flow schedulers with `use_dynamic_shifting`.
         default_steps (`int`): the pipeline's default `num_inference_steps` (the steps of its own image).
+        decode (`Callable`, *optional*): native latents → decoded images in [-1, 1], as the pipeline decodes them
+            (:func:`image_decoder`); `None` for a pipeline without a VAE.
     """
 
     denoiser: SigmaDenoiser
@@ -118,6 +121,7 @@ class TextToImage:
     width: int
     mu: Optional[float] = None
     default_steps: int = 50
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 def load_text_to_image(path_or_id: str, prompts: Sequence[str], negative_prompt: Union[str, Sequence[str], None] = None,
@@ -167,8 +171,8 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
                          guidance_scale: Optional[float] = None, height: Optional[int] = None,
                          width: Optional[int] = None, device: Union[str, torch.device] = "cpu",
                          batch_size: int = 32) -> TextToImage:
-    """:func:`load_text_to_image` for a pipeline already in memory (its text encoders and denoiser move to
-    `device`; the VAE is not touched). Arguments as for :func:`load_text_to_image`."""
+    """:func:`load_text_to_image` for a pipeline already in memory (its text encoders, denoiser and VAE move to
+    `device`). Arguments as for :func:`load_text_to_image`."""
     family = pipeline_family(pipe)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -196,7 +200,36 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
         denoiser = SigmaDenoiser(model, config, **kwargs)
     denoiser.sample_shape = sample_shape  # read by optimize_schedule when no sample_shape is passed
     return TextToImage(denoiser, sample_shape, cond, uncond, config, prompts, guidance_scale, height, width, mu,
-                       default_steps(pipe))
+                       default_steps(pipe), image_decoder(pipe, family, height, width, device))
+
+
+def image_decoder(pipe, family: str, height: int, width: int, device, batch_size: int = 8) -> Optional[Callable]:
+    """The pipeline's last step as a function: native latents → images in [-1, 1] (float32), decoded as its
+    `__call__` decodes them (Flux latents unpacked; SD3 and Flux `shift_factor`; a float16 VAE with `force_upcast`
+    run in float32, as SDXL's pipeline does), `batch_size` latents per VAE call. `None` without a VAE."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return None
+    vae.to(device)
+    if vae.dtype == torch.float16 and vae.config.get("force_upcast"):
+        vae.to(torch.float32)
+    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")  # SDXL variants that set them
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        if family == "flux":
+            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        if mean is not None and std is not None:
+            view = (1, -1) + (1,) * (latents.ndim - 2)
+            z = latents * torch.tensor(std).view(view).to(latents) / scale + torch.tensor(mean).view(view).to(latents)
+        else:
+            z = latents / scale + shift
+        images = [vae.decode(z[i: i + batch_size].to(vae.dtype), return_dict=False)[0]
+                  for i in range(0, len(z), batch_size)]
+        return torch.cat(images).float().clamp(-1, 1)
+
+    return decode
 
 
 class FluxSigmaDenoiser(SigmaDenoiser):

@@ -127,7 +127,8 @@ def _kept(result: ScheduleResult, nfe: int) -> dict:
 def summary_lines(result: ScheduleResult, measure: str) -> list:
     """Per NFE: the kept table against DDIM (trailing) and the best stock table, on the held-out noises."""
     s = result.settings
-    lines = [f"held-out {measure} against the reference solutions ({s['reference_solver']}, {s['reference_steps']} "
+    of = " of decoded images" if measure == "rmse" and s.get("rmse_of") == "decoded images" else ""
+    lines = [f"held-out {measure}{of} against the reference solutions ({s['reference_solver']}, {s['reference_steps']} "
              f"steps; lower is better; {s['validation_size']} noises the optimiser never trained on):",
              f"{'NFE':>4}  {'kept':<34} {measure:>9}  {'DDIM trailing':>13}  {'kept vs DDIM':>12}  best stock table"]
     for nfe in result.tables:
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         reference_steps=pipeline_steps(args.reference_steps, t2i) if args.reference_scheduler == "pipeline" else pick("reference_steps"),
         reference_scheduler=args.reference_scheduler, seed=args.seed, device=device, progress=not args.quiet,
         patience=args.patience, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, on_table=save)
+        gradient_checkpointing=args.gradient_checkpointing, decode=t2i and t2i.decode, on_table=save)
     if result.settings["validation_size"]:
         print("\n".join(summary_lines(result, args.select_by)))
     for nfe, what in status.items():

@@ -208,6 +208,7 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                       patience: Optional[int] = 30, mixed_precision: Optional[str] = None,
                       gradient_checkpointing: bool = False, sigma_data: float = 0.5, strata: int = 1,
                       damping: float = 0.5, tol: float = 1e-3, reference_denoiser: Optional[Callable] = None,
+                      decode: Optional[Callable] = None,
                       on_table: Optional[Callable[[int, "ScheduleResult"], None]] = None) -> ScheduleResult:
     """Learn and select one σ table (and solver) per step count for `denoiser` (Phase 1, DESIGN.md §3).
 
@@ -266,6 +267,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
             and tolerance.
         reference_denoiser (`Callable`, *optional*): the model whose reference solves are the targets (after
             Phase 2: the frozen teacher); defaults to `denoiser`.
+        decode (`Callable`, *optional*): native latents → images (a latent pipeline's VAE,
+            `TextToImage.decode`); the held-out `rmse` then compares decoded images.
         on_table (`Callable`, *optional*): called as `on_table(nfe, result_so_far)` after each step count (e.g.
             to save it at once).
 
@@ -314,7 +317,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
                 "damping": damping, "tol": tol, "sample_shape": list(sample_shape), "device": str(device),
                 "x0_source": "none" if objective == "trajectory" else ("data" if data is not None else "model"),
                 "noise_schedule": schedule.describe(), "model_class": type(getattr(denoiser, "model", denoiser)).__name__,
-                "reference_model": "teacher" if reference_denoiser is not None else "self", "fd_data_images": 0}
+                "reference_model": "teacher" if reference_denoiser is not None else "self", "fd_data_images": 0,
+                "rmse_of": "decoded images" if decode is not None else "samples"}
 
     with _frozen(denoiser):  # gradients flow to the table only; the model's flags are restored after
         # 2. the paths: training pool and held-out set, with their reference solves
@@ -330,6 +334,8 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         if validation_size:
             held_out = Paths(validation_size, sample_shape, device, torch.Generator().manual_seed(seed + 1), cond, uncond)
             held_out.solve_references(full_fn, truth, 4 * batch_size, progress)
+            if decode is not None:
+                held_out.decode_references(decode)
             if features is not None:
                 held_out.featurize_references(features, 4 * batch_size)
             if features is not None and data is not None and cond is None:  # fd_data, its own draws
