@@ -280,6 +280,19 @@ def test_decode_is_the_pipelines_own(family):
     assert float(images.std()) > 1e-3  # not a constant image
 
 
+def test_releasing_the_vae_frees_it_from_decode():
+    """The training script drops the VAE after encoding its images: `decode` must not keep it alive."""
+    from diffusers_fewstep.conditioning import release
+
+    pipe = quiet(StableDiffusionPipeline(**tiny_sd()))
+    encoded = encode_text_to_image(pipe, PROMPTS[:1], guidance_scale=GUIDANCE)
+    latents = torch.randn(2, *encoded.sample_shape, generator=torch.Generator().manual_seed(0))
+    assert encoded.decode(latents).shape == (2, 3, 32, 32)
+    release(pipe, ["vae"], "cpu")
+    with pytest.raises(ValueError, match="^the pipeline's VAE was released; decoding needs it$"):
+        encoded.decode(latents)
+
+
 # --- Flux (guidance-distilled, packed latents) -----------------------------------------------------
 @pytest.fixture(scope="module")
 def flux():

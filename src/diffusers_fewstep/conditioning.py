@@ -171,8 +171,8 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
                          guidance_scale: Optional[float] = None, height: Optional[int] = None,
                          width: Optional[int] = None, device: Union[str, torch.device] = "cpu",
                          batch_size: int = 32) -> TextToImage:
-    """:func:`load_text_to_image` for a pipeline already in memory (its text encoders, denoiser and VAE move to
-    `device`). Arguments as for :func:`load_text_to_image`."""
+    """:func:`load_text_to_image` for a pipeline already in memory (its text encoders and denoiser move to
+    `device`; the VAE moves only when `TextToImage.decode` is called). Arguments as for :func:`load_text_to_image`."""
     family = pipeline_family(pipe)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -200,24 +200,28 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
         denoiser = SigmaDenoiser(model, config, **kwargs)
     denoiser.sample_shape = sample_shape  # read by optimize_schedule when no sample_shape is passed
     return TextToImage(denoiser, sample_shape, cond, uncond, config, prompts, guidance_scale, height, width, mu,
-                       default_steps(pipe), image_decoder(pipe, family, height, width, device))
+                       default_steps(pipe), image_decoder(pipe, family, height, width))
 
 
-def image_decoder(pipe, family: str, height: int, width: int, device, batch_size: int = 8) -> Optional[Callable]:
+def image_decoder(pipe, family: str, height: int, width: int, batch_size: int = 8) -> Optional[Callable]:
     """The pipeline's last step as a function: native latents → images in [-1, 1] (float32), decoded as its
-    `__call__` decodes them (Flux latents unpacked; SD3 and Flux `shift_factor`; a float16 VAE with `force_upcast`
-    run in float32, as SDXL's pipeline does), `batch_size` latents per VAE call. `None` without a VAE."""
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
+    `__call__` decodes them (Flux latents unpacked; SD3 and Flux `shift_factor`; SDXL `latents_mean`/`latents_std`
+    where set; a float16 VAE with `force_upcast` run in float32, as SDXL's pipeline does), `batch_size` latents per
+    VAE call, on the latents' device. The VAE is looked up at each call and moved only then, so `release(pipe,
+    ["vae"])` still frees it. `None` for a pipeline without a VAE."""
+    if getattr(pipe, "vae", None) is None:
         return None
-    vae.to(device)
-    if vae.dtype == torch.float16 and vae.config.get("force_upcast"):
-        vae.to(torch.float32)
-    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
-    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")  # SDXL variants that set them
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        if vae is None:
+            raise ValueError("the pipeline's VAE was released; decoding needs it")
+        vae.to(latents.device)
+        if vae.dtype == torch.float16 and vae.config.get("force_upcast"):
+            vae.to(torch.float32)
+        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
         if family == "flux":
             latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         if mean is not None and std is not None:
