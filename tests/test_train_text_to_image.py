@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffusers_fewstep import LearnedScheduleScheduler
@@ -176,6 +177,30 @@ def _captioned_folder(root, captions):
             Image.fromarray(np.full((40, 48, 3), (60 * k, 255 - 60 * k, 30 * k), np.uint8)).save(root / f"{k}.png")
             f.write(json.dumps({"file_name": f"{k}.png", "text": caption}) + "\n")
     return root
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl-mean-std", "sd3"])
+def test_encoded_images_decode_as_the_vae_round_trip(name, tmp_path):
+    """`encode_images` is the inverse of the pipelines' decoding (`TextToImage.decode`): SD's scaling, SD3's
+    shift_factor and, where an SDXL VAE sets latents_mean/latents_std, those too (encoding once ignored them)."""
+    from diffusers_fewstep.conditioning import encode_text_to_image
+    from diffusers_fewstep.text_to_image_training import encode_images
+
+    build, cls = FAMILIES[name.split("-")[0]]
+    pipe = cls(**build())
+    if name == "sdxl-mean-std":
+        channels = pipe.vae.config.latent_channels
+        pipe.vae.register_to_config(latents_mean=[0.3 * k - 0.2 for k in range(channels)],
+                                    latents_std=[0.5 + 0.25 * k for k in range(channels)])
+    folder = _captioned_folder(tmp_path / "images", PROMPTS[:2])
+    latents = encode_images(pipe.vae, [str(folder / f"{k}.png") for k in range(2)], 32, 32, "cpu")
+    decoded = encode_text_to_image(pipe, PROMPTS[:1], height=32, width=32).decode(latents)
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(folder / f"{k}.png").convert("RGB").resize(
+        (32, 32), Image.BICUBIC))) for k in range(2)]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    with torch.no_grad():
+        expected = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+    assert float((decoded - expected).abs().max()) < 1e-4
+    assert float(latents.std()) > 1e-3
 
 
 def test_captioned_folder_pairs_each_image_with_its_caption_and_full_tuning_saves_the_model(saved, tmp_path,

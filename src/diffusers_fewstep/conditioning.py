@@ -203,6 +203,19 @@ def encode_text_to_image(pipe, prompts: Sequence[str], negative_prompt: Union[st
                        default_steps(pipe), image_decoder(pipe, family, height, width))
 
 
+def latent_scaling(vae_config, like: torch.Tensor) -> tuple:
+    """The pipelines' latent convention, `(offset, factor)` with `latents = (z − offset)·factor` for the VAE's own
+    latents z: `offset = latents_mean`, `factor = scaling_factor / latents_std` where the VAE sets both (SDXL
+    pipelines), else `offset = shift_factor` (SD3, Flux; 0 for SD), `factor = scaling_factor`. Tensors shaped to
+    broadcast over `like` (channels second)."""
+    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
+    if mean is not None and std is not None:
+        view = (1, -1) + (1,) * (like.ndim - 2)
+        return (torch.tensor(mean).view(view).to(like),
+                vae_config.scaling_factor / torch.tensor(std).view(view).to(like))
+    return vae_config.get("shift_factor") or 0.0, vae_config.scaling_factor
+
+
 def image_decoder(pipe, family: str, height: int, width: int, batch_size: int = 8) -> Optional[Callable]:
     """The pipeline's last step as a function: native latents → images in [-1, 1] (float32), decoded as its
     `__call__` decodes them (Flux latents unpacked; SD3 and Flux `shift_factor`; SDXL `latents_mean`/`latents_std`
@@ -220,15 +233,10 @@ def image_decoder(pipe, family: str, height: int, width: int, batch_size: int = 
         vae.to(latents.device)
         if vae.dtype == torch.float16 and vae.config.get("force_upcast"):
             vae.to(torch.float32)
-        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
-        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
         if family == "flux":
             latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        if mean is not None and std is not None:
-            view = (1, -1) + (1,) * (latents.ndim - 2)
-            z = latents * torch.tensor(std).view(view).to(latents) / scale + torch.tensor(mean).view(view).to(latents)
-        else:
-            z = latents / scale + shift
+        offset, factor = latent_scaling(vae.config, latents)
+        z = latents / factor + offset
         images = [vae.decode(z[i: i + batch_size].to(vae.dtype), return_dict=False)[0]
                   for i in range(0, len(z), batch_size)]
         return torch.cat(images).float().clamp(-1, 1)

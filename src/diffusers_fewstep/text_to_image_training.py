@@ -34,7 +34,7 @@ from torch import nn
 
 from .adapter import SigmaDenoiser
 from .conditioning import (DEFAULT_COLUMN, TEXT_ENCODERS, FluxSigmaDenoiser, TextToImage, _column, _read_rows, release,
-                           encode_text_to_image, read_prompts)
+                           encode_text_to_image, latent_scaling, read_prompts)
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # diffusers' imagefolder convention
 IMAGE_COLUMN = "file_name"
@@ -81,7 +81,8 @@ def read_captioned_folder(folder: str, column: Optional[str] = None) -> Tuple[Li
 @torch.no_grad()
 def encode_images(vae, files: Sequence[str], height: int, width: int, device, batch_size: int = 32) -> torch.Tensor:
     """Latents of image files as the pipelines' VAE scaling defines them: each image resized and centre-cropped to
-    (height, width) (as `train_text_to_image.py`), then `(mean − shift_factor)·scaling_factor`."""
+    (height, width) (as `train_text_to_image.py`), then the VAE's mean latent in the pipelines' convention
+    (:func:`~diffusers_fewstep.conditioning.latent_scaling`, the inverse of the pipelines' decoding)."""
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -89,7 +90,6 @@ def encode_images(vae, files: Sequence[str], height: int, width: int, device, ba
     if missing:
         raise FileNotFoundError(f"{len(missing)} images named in the metadata are missing, e.g. {missing[0]}; "
                                 "fix file_name (relative to the metadata file) or set --denoising_weight 0")
-    shift, scale = vae.config.get("shift_factor") or 0.0, vae.config.scaling_factor
     vae.to(device)
     out = []
     for start in range(0, len(files), batch_size):
@@ -97,7 +97,8 @@ def encode_images(vae, files: Sequence[str], height: int, width: int, device, ba
                   for f in files[start:start + batch_size]]
         x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         latents = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.mode()
-        out.append(((latents.float() - shift) * scale))
+        offset, factor = latent_scaling(vae.config, latents.float())
+        out.append((latents.float() - offset) * factor)
     return torch.cat(out)
 
 
