@@ -17,7 +17,7 @@ import torch
 
 from diffusers_fewstep import LearnedScheduleScheduler, objectives
 from diffusers_fewstep.optimizer import MonotoneSigmas, optimize_schedule
-from diffusers_fewstep.schedules import baseline_sigmas, validate_sigmas
+from diffusers_fewstep.schedules import baseline_sigmas, interpolate_sigmas, validate_sigmas
 from diffusers_fewstep.solvers import sample
 from gaussian_mixture import LINEAR_VP_CONFIG, exact_solution, random_mixture
 
@@ -227,7 +227,7 @@ def test_selection_keeps_the_best_candidate_and_never_loses_to_a_stock_table(gm,
         cands = good.candidates[nfe]
         kept = [c for c in cands if c["kept"]]
         assert len(kept) == 1 and kept[0]["scores"]["rmse"] == min(c["scores"]["rmse"] for c in cands)
-        assert {c["source"] for c in cands} == {"stock", "init", "learned"}
+        assert {c["source"] for c in cands} == {"stock", "init", "learned"} | ({"resampled"} if nfe == 6 else set())
         assert sum(c["source"] == "learned" for c in cands) == 2
         assert kept[0]["source"] == "learned"  # learning pays on this model
         stock = min(c["scores"]["rmse"] for c in cands if c["source"] == "stock")
@@ -288,3 +288,19 @@ def test_end_search_lowers_a_high_end_while_the_held_out_measure_improves(gm):
     karras = Candidate("karras+euler", "euler", baseline_sigmas("karras", 3, gm.schedule).tolist(), "stock")
     karras.scores = score(gm, held_out, karras.table, "euler", 128)
     assert _search_end(karras, run, held_out) == []
+
+
+def test_a_smaller_counts_kept_table_resampled_competes(gm):
+    """Step counts run in increasing order, and the table kept at each smaller count, resampled log-linearly to the
+    larger count, is a candidate there: a learned 4-step table (passed as `existing`, no learning at 6 steps) makes a
+    6-step table better than every stock one on the held-out measure."""
+    learned = _learn(gm, [4], num_iters=40, validation_size=64)
+    result = _learn(gm, [6, 4], starts=0, validation_size=64, existing={4: (learned.tables[4], "euler")})
+    assert list(result.tables) == [4, 6]
+    resampled = [c for c in result.candidates[6] if c["source"] == "resampled"]
+    assert [c["name"] for c in resampled] == ["kept 4-step+euler, resampled"]
+    assert resampled[0]["table"] == pytest.approx(interpolate_sigmas(result.tables[4], 6).tolist())
+    assert resampled[0]["kept"] and result.tables[6] == resampled[0]["table"]
+    stock = [c for c in result.candidates[6] if c["source"] == "stock"]
+    assert resampled[0]["scores"]["rmse"] < 0.8 * min(c["scores"]["rmse"] for c in stock)
+    assert not [c for c in result.candidates[4] if c["source"] == "resampled"]  # nothing smaller than 4

@@ -269,7 +269,7 @@ def candidates_table(per_nfe: Dict[str, dict]) -> str:
         kept = next((c for c in cands if c["name"] == record.get("kept")), None)
         cells = [_best(cands, measure, lambda c: c["source"] == "stock" and "trailing" in c["name"]),
                  _best(cands, measure, lambda c: c["source"] == "stock" and "karras" in c["name"]),
-                 _best(cands, measure, lambda c: c["source"] in ("learned", "end"))]
+                 _best(cands, measure, lambda c: c["source"] in ("learned", "end", "resampled"))]
         show = lambda c: "–" if c is None else f"{c['scores'][measure]:.4g} ({c['name']})"  # noqa: E731
         score = "–" if kept is None or measure not in kept["scores"] else f"{kept['scores'][measure]:.4g}"
         rows.append(f"| {nfe} | {record.get('kept', '?')} ({record.get('solver', '?')}) | {measure} | {score} | "

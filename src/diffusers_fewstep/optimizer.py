@@ -6,7 +6,9 @@
 Per step count N:
 
 1. candidates: the stock tables at N steps (diffusers' own schedulers' σ's and the hand-made baselines,
-   :func:`~diffusers_fewstep.schedules.stock_tables`) with every solver asked for, plus `init` and `existing`;
+   :func:`~diffusers_fewstep.schedules.stock_tables`) with every solver asked for, plus `init` and `existing`, and
+   the table kept at each smaller count resampled to N steps (log-linear, as AYS extends its tables; step counts
+   run in increasing order);
 2. each is scored on held-out noises against their reference solutions (:mod:`~diffusers_fewstep.selection`);
 3. the `starts` best are learned further: first the end search lowers each one's last positive σ while the held-out
    measure improves (tables that stop at t = T/N end far above σ_min), then Adam through the solver on the training
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import evaluation, learning, objectives, reference
 from .learning import MonotoneSigmas  # noqa: F401  (part of this module's API)
-from .schedules import baseline_sigmas, stock_tables, validate_sigmas
+from .schedules import baseline_sigmas, interpolate_sigmas, stock_tables, validate_sigmas
 from .selection import Candidate, Paths, best, check_measure, score
 from .solvers import SOLVERS, canonical_solver
 
@@ -346,9 +348,10 @@ def optimize_schedule(denoiser: Callable, nfes: Union[int, Sequence[int]] = (4, 
         result = ScheduleResult({}, {}, {}, {}, {}, {}, settings, shared)
 
         # 3. one kept table per NFE
-        for nfe in nfes:
+        for nfe in sorted(nfes):
             start_time, calls = time.perf_counter(), model_fn.calls
-            candidates, history = _candidates_for(nfe, run, solver_list, init, existing, held_out)
+            smaller = {n: (result.tables[n], result.solvers[n]) for n in result.tables if n < nfe}
+            candidates, history = _candidates_for(nfe, run, solver_list, init, existing, held_out, smaller)
             chosen = best(candidates, select_by) if held_out is not None else candidates[-1]
             result.tables[nfe] = validate_sigmas(chosen.table, schedule.sigma_min, schedule.sigma_max,
                                                  name=f"kept {nfe}-step table")
@@ -371,8 +374,9 @@ def _features(denoiser, autocast_dtype):
     return ModelFeatures(denoiser, autocast_dtype=autocast_dtype)
 
 
-def _candidates_for(nfe, run: learning.Run, solver_list, init, existing, held_out) -> tuple:
-    """Every candidate at `nfe` steps, scored on `held_out` (when given), the learned ones last."""
+def _candidates_for(nfe, run: learning.Run, solver_list, init, existing, held_out, smaller) -> tuple:
+    """Every candidate at `nfe` steps, scored on `held_out` (when given), the learned ones last; `smaller`:
+    `{n: (table, solver)}` kept at smaller counts, resampled to `nfe` steps."""
     s, schedule = run.settings, run.schedule
     config = getattr(schedule, "config", None)
     tables = stock_tables(nfe, config) if config is not None else {
@@ -384,6 +388,8 @@ def _candidates_for(nfe, run: learning.Run, solver_list, init, existing, held_ou
     if held_out is not None:
         candidates += [Candidate(f"{name}+{solver}", solver, table, "stock")
                        for name, table in tables.items() for solver in solver_list]
+        candidates += [Candidate(f"kept {n}-step+{solver}, resampled", solver, interpolate_sigmas(table, nfe).tolist(),
+                                 "resampled") for n, (table, solver) in smaller.items() if n > 1]
     init_table = _init_tables(init, nfe, schedule)
     if init_table is not None:
         candidates += [Candidate(f"init+{solver}", solver, init_table, "init") for solver in solver_list]

@@ -128,7 +128,8 @@ class Candidate:
     name: str
     solver: str
     table: List[float]
-    source: str  # "stock", "init", "existing", "end" (a start with its end lowered), "learned"
+    source: str  # "stock", "init", "existing", "resampled" (a smaller count's kept table), "end" (a start with its
+    # end lowered), "learned"
     scores: Dict[str, float] = field(default_factory=dict)
     start: Optional[str] = None  # learned: the candidate it started from
 
