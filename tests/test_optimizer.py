@@ -304,3 +304,10 @@ def test_a_smaller_counts_kept_table_resampled_competes(gm):
     stock = [c for c in result.candidates[6] if c["source"] == "stock"]
     assert resampled[0]["scores"]["rmse"] < 0.8 * min(c["scores"]["rmse"] for c in stock)
     assert not [c for c in result.candidates[4] if c["source"] == "resampled"]  # nothing smaller than 4
+
+
+def test_interpolating_a_one_step_table_is_refused():
+    """One positive σ has no path to resample (it gave NaNs); two keep both ends."""
+    with pytest.raises(ValueError, match="^interpolating needs at least two positive σ's; got the table \\[10.0, 0.0\\]$"):
+        interpolate_sigmas([10.0, 0.0], 3)
+    assert interpolate_sigmas([10.0, 1.0, 0.0], 4).tolist() == pytest.approx([10.0, 10 ** (2 / 3), 10 ** (1 / 3), 1.0, 0.0])

@@ -176,10 +176,12 @@ def validate_sigmas(sigmas: Sequence[float], sigma_min: Optional[float] = None, 
 
 def interpolate_sigmas(table: Sequence[float], n: int) -> torch.Tensor:
     """Labelled fallback: resample a table to n evaluations by linear interpolation of log σ over
-    the normalised step index (a final 0 is kept as the final entry)."""
+    the normalised step index (a final 0 is kept as the final entry); needs at least two positive σ's."""
     table = torch.as_tensor(table, dtype=torch.float64)
     final_zero = bool(table[-1] == 0)
     pos = table[:-1] if final_zero else table
+    if len(pos) < 2:
+        raise ValueError(f"interpolating needs at least two positive σ's; got the table {table.tolist()}")
     m = n if final_zero else n + 1
     src = torch.linspace(0, 1, len(pos), dtype=torch.float64)
     dst = torch.linspace(0, 1, m, dtype=torch.float64)

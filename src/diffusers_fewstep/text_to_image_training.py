@@ -96,9 +96,9 @@ def encode_images(vae, files: Sequence[str], height: int, width: int, device, ba
         pixels = [np.asarray(ImageOps.fit(Image.open(f).convert("RGB"), (width, height), Image.BICUBIC))
                   for f in files[start:start + batch_size]]
         x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        latents = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.mode()
-        offset, factor = latent_scaling(vae.config, latents.float())
-        out.append((latents.float() - offset) * factor)
+        z = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.mode().float()
+        offset, factor = latent_scaling(vae.config, z)
+        out.append((z - offset) * factor)
     return torch.cat(out)
 
 
