@@ -43,7 +43,7 @@ split_large() {  # files come back from the GPU machine at most 16 MiB each: cut
 
 train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
   IFS=: read -r model nfes loss lr extra <<< "$1"
-  local name="$model-${nfes}-$loss-$lr${extra:+-${extra//[ ,=]/_}}"
+  local name="$model-${nfes}-$loss-$lr${extra:+-${extra//[ ,=\/]/_}}"
   local out="$W/runs/$name" launch=python3
   [ "${NPROC:-1}" -gt 1 ] && name="$name-x$NPROC" && out="$W/runs/$name" && \
     launch="accelerate launch --num_processes $NPROC --num_machines 1 --dynamo_backend no --mixed_precision bf16"
