@@ -202,11 +202,13 @@ def half_precision_base(model: nn.Module, mixed_precision: str) -> None:
 
 def save_lora(training: TrainingPipeline, model: nn.Module, output_dir: str) -> str:
     """The adapter of `model` (added in place, :func:`~diffusers_fewstep.finetune.add_lora`) in diffusers' LoRA
-    format: `output_dir/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)`."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    format: `output_dir/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)`.
+    The keys stay peft's (`….lora_A.weight`), which the loader reads as they are: diffusers'
+    `convert_state_dict_to_diffusers` renames the attention layers' keys only (`….lora.down.weight`), and a file with
+    convolution adapters beside them then reloads without the attention adapters (tests)."""
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    layers = get_peft_model_state_dict(model)
     kwargs = {f"{training.component}_lora_layers": layers}
     metadata = f"{training.component}_lora_adapter_metadata"  # rank and α, so that loading scales as training did
     if metadata in inspect.signature(training.pipeline_class.save_lora_weights).parameters:

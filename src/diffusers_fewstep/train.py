@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=None, help="Tune a LoRA adapter (peft) instead of all weights; the teacher is the model with the adapter off (default: on for text-to-image pipelines, off otherwise; --no-use_lora turns it off).")
     parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank.")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (default: the rank).")
-    parser.add_argument("--lora_layers", type=str, default=None, help="The layers that get LoRA adapters, comma separated, as in diffusers' LoRA scripts (e.g. 'to_k,to_q,to_v,to_out.0'; names match as suffixes). Default: attention projections, resnet convolutions and time-embedding projections (finetune.LORA_TARGET_MODULES); text-to-image pipelines: the attention projections, Linear layers only.")
+    parser.add_argument("--lora_layers", type=str, nargs="+", default=None, help="The layers that get LoRA adapters, comma separated as in diffusers' LoRA scripts (e.g. 'to_k,to_q,to_v,to_out.0') or as separate words; names match as suffixes. Default: attention projections, resnet convolutions and time-embedding projections (finetune.LORA_TARGET_MODULES); text-to-image pipelines: the attention projections, Linear layers only (named here, convolutions too: 'conv1,conv2,time_emb_proj,to_q,to_k,to_v,to_out.0' adapts the UNet's resnets as well).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Mixed precision (default: accelerate's config).")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-{step} folder every this many optimiser steps (and after every Phase 1).")
@@ -145,6 +145,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Settings that cannot work, refused before anything is loaded (one-line ValueError)."""
+    if args.lora_layers:  # 'to_q,to_v' (diffusers' scripts) or separate words
+        args.lora_layers = [name.strip() for word in args.lora_layers for name in word.split(",") if name.strip()]
     if min(args.nfe) < 1 or min(args.compare_nfe, default=1) < 1:
         raise ValueError(f"--nfe and --compare_nfe take step counts ≥ 1; got {args.nfe} and {args.compare_nfe}")
     if len(args.denoising_weight) > 1 and any(len(args.denoising_weight) != n for n in args.nfe):
@@ -389,10 +391,11 @@ def main(args: argparse.Namespace) -> str:
     args.clamp_samples = t2i is None  # images in [-1, 1]; latents are not clamped
     if args.use_lora:
         model.requires_grad_(False)
-        layers = (args.lora_layers.split(",") if args.lora_layers
+        layers = (args.lora_layers if args.lora_layers
                   else TEXT_TO_IMAGE_LORA_MODULES if t2i is not None else LORA_TARGET_MODULES)
-        kinds = (torch.nn.Linear,) if t2i is not None else (torch.nn.Linear, torch.nn.Conv2d)
-        targets = args.lora_targets = lora_target_modules(model, [name.strip() for name in layers], kinds)
+        # text-to-image: Linear layers unless --lora_layers names others (the resnet convolutions conv1, conv2)
+        kinds = (torch.nn.Linear,) if t2i is not None and not args.lora_layers else (torch.nn.Linear, torch.nn.Conv2d)
+        targets = args.lora_targets = lora_target_modules(model, layers, kinds)
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
                          in_place=t2i is not None)
         if t2i is not None and accelerator.mixed_precision in ("fp16", "bf16"):
