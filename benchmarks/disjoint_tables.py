@@ -3,7 +3,8 @@
 DDIM-trailing tables of 2, 4 and 8 steps are nested (timesteps 999/499 ⊂ 999/749/499/249 ⊂ 999/874/…/124): at a
 shared σ the one network is asked for different steps. This writes a `LearnedScheduleScheduler` folder (what
 `--phase1_init FOLDER` reads) with DDIM trailing at the counts given by `--trailing` and, at the counts given by
-`--shifted`, the trailing timesteps moved down by half a step (999, then 999 − (k + ½)·T/n): only σ_max is then shared.
+`--shifted`, the trailing timesteps moved down by half a step (999, then ⌊999 − (k + ½)·T/n⌋; at 8 steps 999, 811,
+686, …, 61): only σ_max is then shared.
 
     python benchmarks/disjoint_tables.py MODEL OUT --trailing 2 4 --shifted 8
 """
@@ -20,7 +21,7 @@ from diffusers_fewstep.schedules import baseline_sigmas
 def shifted_trailing(n: int, schedule: NoiseSchedule) -> list:
     """σ_max, then the n-step trailing timesteps moved down by half a step, then 0."""
     big_t = schedule.num_train_timesteps
-    t = torch.tensor([big_t - 1.0] + [big_t - 1 - (k + 0.5) * big_t / n for k in range(1, n)]).round()
+    t = torch.tensor([big_t - 1.0] + [big_t - 1 - (k + 0.5) * big_t / n for k in range(1, n)]).floor()
     return torch.cat([schedule.t_to_sigma(t), torch.zeros(1)]).tolist()
 
 
