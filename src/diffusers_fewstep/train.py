@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam ε.")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the tuned weights; Phase 1, evaluation and the output use it.")
-    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay.")
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="Cap of the EMA decay: diffusers' EMAModel ramps the decay as (1 + step)/(10 + step) up to it, so 0.999 is reached at step 8,990; before that the EMA spans about the last 11%% of the steps.")
     parser.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=None, help="Tune a LoRA adapter (peft) instead of all weights; the teacher is the model with the adapter off (default: on for text-to-image pipelines, off otherwise; --no-use_lora turns it off).")
     parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank.")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (default: the rank).")
