@@ -393,7 +393,7 @@ def main(args: argparse.Namespace) -> str:
         model.requires_grad_(False)
         layers = (args.lora_layers if args.lora_layers
                   else TEXT_TO_IMAGE_LORA_MODULES if t2i is not None else LORA_TARGET_MODULES)
-        # text-to-image: Linear layers unless --lora_layers names others (the resnet convolutions conv1, conv2)
+        # text-to-image: Linear layers only, unless --lora_layers names the layers (convolutions included)
         kinds = (torch.nn.Linear,) if t2i is not None and not args.lora_layers else (torch.nn.Linear, torch.nn.Conv2d)
         targets = args.lora_targets = lora_target_modules(model, layers, kinds)
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
