@@ -188,6 +188,28 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_pipeline, uninterru
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_finished_run_resumed_with_more_steps_trains_on_as_one_longer_run(tiny_pipeline, tmp_path, capsys):
+    """A finished 2-step run, resumed with --phase2_steps 4, ends where an uninterrupted 4-step run ends (the held
+    table: Phase 1 is a no-op, so the comparison is exact); a decaying learning-rate schedule is refused."""
+    from diffusers_fewstep.train import main, parse_args
+
+    args = _resume_args(tiny_pipeline)[:-2] + ["--phase1_iters", "0"]  # the DDIM-trailing table, held
+    long, short = str(tmp_path / "long"), str(tmp_path / "short")
+    main(parse_args(args + ["--output_dir", long]))
+    main(parse_args([*args, "--output_dir", short, "--phase2_steps", "2"]))
+    before = _weights(short)
+    a = _weights(long)
+    assert max((a[k] - before[k]).abs().max().item() for k in a) > 1e-4  # the two extra steps change the weights
+    with pytest.raises(ValueError, match="continues a finished run only with a constant --lr_scheduler"):
+        main(parse_args(args + ["--output_dir", short, "--lr_scheduler", "cosine", "--resume_from_checkpoint", "latest"]))
+    capsys.readouterr()
+    main(parse_args(args + ["--output_dir", short, "--resume_from_checkpoint", "latest"]))
+    assert "its last Phase 2 goes on from step 2 to --phase2_steps 4" in capsys.readouterr().out
+    b = _weights(short)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _tables(short) == _tables(long)
+
+
 def test_the_uninterrupted_run_trained_and_learned(tiny_pipeline, uninterrupted):
     """The resume comparisons are not vacuous: Phase 1 replaced the DDIM-leading start (it starts at σ(500), far
     below σ_max) and the weights changed."""

@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-{step} folder every this many optimiser steps (and after every Phase 1).")
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'. A finished run resumed with a larger --phase2_steps trains its last Phase 2 on.")
     parser.add_argument("--stop_after_steps", type=int, default=None, help="Stop (without saving) after this many optimiser steps, as if killed.")
     parser.add_argument("--divergence_factor", type=float, default=10.0, help="A Phase-2 loss above this multiple of its running level is a spike (0: only non-finite losses stop the run).")
     parser.add_argument("--keep_best", action=argparse.BooleanOptionalAction, default=True, help="Save the weights (and tables) of the best evaluation (FD summed over the tuned counts, else endpoint RMSE) instead of the last; on the fixture a run's FD rose from 0.468 to 0.516 between its last two evaluations. Needs --eval_samples > 0.")
@@ -187,11 +187,13 @@ class TrainState:
         self.losses: List[float] = []  # Phase-2 losses since the last evaluation (not checkpointed)
         self.window = (0, 0.0)  # optimiser steps and their seconds at the last evaluation (not checkpointed)
         self.best: dict = {}  # the best evaluation so far (training_eval.keep_if_best): step, round, measure, tables
+        self.finished_phase2 = 0  # steps of the last finished Phase 2 (a larger --phase2_steps reopens it)
 
     def state_dict(self) -> dict:
         return {"round": self.round, "phase": self.phase, "global_step": self.global_step,
                 "step_in_phase": self.step_in_phase, "tables": json.dumps(self.tables), "metrics": json.dumps(self.metrics),
-                "divergence": json.dumps(self.divergence), "timing": json.dumps(self.timing), "best": json.dumps(self.best)}
+                "divergence": json.dumps(self.divergence), "timing": json.dumps(self.timing), "best": json.dumps(self.best),
+                "finished_phase2": self.finished_phase2}
 
     def load_state_dict(self, state: dict) -> None:
         self.round, self.phase = int(state["round"]), int(state["phase"])
@@ -201,6 +203,7 @@ class TrainState:
         self.timing = json.loads(state["timing"]) if "timing" in state else dict(NO_TIME)
         self.window = (self.timing["steps"], self.timing["step_s"])  # the next row's recent speed: this session's
         self.best = json.loads(state.get("best", "{}"))
+        self.finished_phase2 = int(state.get("finished_phase2", 0))
 
     def throughput(self, global_batch: int) -> dict:
         """Seconds spent building teacher pools, and trajectories per second of the optimiser steps (evaluations and
@@ -442,6 +445,7 @@ def main(args: argparse.Namespace) -> str:
     resumed = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
     if resumed:
         args.learning_rate = set_learning_rate(accelerator, optimizer, lr_scheduler, given_learning_rate)
+        reopen_last_phase2(accelerator, args, state)
     if accelerator.is_main_process:  # after the resume: the learning rate in force
         accelerator.init_trackers("fewstep", config={k: str(v) for k, v in vars(args).items()})
     if ema is not None:
@@ -468,7 +472,7 @@ def main(args: argparse.Namespace) -> str:
                            rows, guard, evaluate if accelerator.is_main_process else None):
                     accelerator.print(f"stopped after {state.global_step} steps (--stop_after_steps)")
                     return args.output_dir
-                state.round, state.phase = state.round + 1, 1
+                state.round, state.phase, state.finished_phase2 = state.round + 1, 1, state.step_in_phase
                 save_or_stop(accelerator, args, state, guard)
 
             # 4. the tuned model at every step count next to the base model, and the output folder
@@ -575,6 +579,19 @@ def _phase1(accelerator, args, state, tuned, teacher, ema, rows, broadcast_objec
     if accelerator.num_processes > 1:
         tables = broadcast_object_list(tables)
     return tables[0]
+
+
+def reopen_last_phase2(accelerator, args, state: TrainState) -> None:
+    """A finished run resumed with a larger `--phase2_steps`: train its last Phase 2 on to that many steps (the
+    tables, optimiser and EMA go on from the checkpoint; the last Phase 1 then runs again)."""
+    if state.round < args.rounds or not 0 < state.finished_phase2 < args.phase2_steps:
+        return
+    if args.lr_scheduler not in ("constant", "constant_with_warmup"):
+        raise ValueError(f"--phase2_steps {args.phase2_steps} continues a finished run only with a constant "
+                         f"--lr_scheduler (given: {args.lr_scheduler}, whose schedule ended at the run's last step)")
+    accelerator.print(f"the resumed run had finished: its last Phase 2 goes on from step {state.finished_phase2} "
+                      f"to --phase2_steps {args.phase2_steps}")
+    state.round, state.phase, state.step_in_phase = args.rounds - 1, 2, state.finished_phase2
 
 
 def _phase2(accelerator, args, state, model, student, teacher, ema, optimizer, lr_scheduler, data, rows, guard,
