@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Phase-2 runs on one GPU (bash tools/gpu_stage.sh first; carry .whl and .stage). Stages run one after another:
-# on 2026-11-23 four runs in parallel on one H100 starved each other (none reached step 250 in 6 minutes).
+# on 2026-11-23 four runs in parallel on one H100 starved each other (none reached step 250 in 6 minutes); two runs of
+# the small SD fixture did share one H100 well on 2026-12-07 (1.5× the throughput of one: benchmarks/t2i/results/sd-lora-conv-dpm-gpu/).
 #   bash benchmarks/phase2_gpu.sh profile                       # benchmarks/profile_phase2.py on the fixture (alone, first)
 #   bash benchmarks/phase2_gpu.sh "fixture:4:l2:2e-5" ...      # MODEL:NFES:LOSS:LR[:EXTRA] -> scripts/train_fewstep.py
 #   bash benchmarks/phase2_gpu.sh "t2i:2-4:1e-4"              # LoRA Phase 2 on the SD fixture, then evaluate_t2i.py
-#                                                              # (T2I_MODEL: another text-to-image pipeline folder)
+#                                                              # (T2I_MODEL: another text-to-image pipeline folder;
+#                                                              #  T2I_NFES: the counts evaluated, default "2 3 4 6")
 # MODEL is fixture, or a model folder name under .stage/models (vpred, flow). NFES: steps joined by '-' (2-4-8).
 # Every run: the DDIM-trailing table held fixed (--phase1_iters 0 --rounds 1), batch 128, pool 8192, EMA, bf16,
 # the training script's default target (--phase2_target auto: endpoint at ≤ 2 steps, trajectory above) unless EXTRA names another,
@@ -14,6 +16,8 @@
 # the deadline's SIGTERM reaches the launcher only, so give such runs STEPS that end in time);
 # GPUS=2 runs stage k on GPU k mod 2 (two single-GPU runs side by side on nvidia-h200-x2; timings are then the H200's);
 # STEPS (default 1000) optimiser steps; DEADLINE (seconds from the start) stops runs with SIGTERM (they checkpoint).
+# RESUME=1 continues each run from its latest checkpoint (same stage arguments, same output folder; a finished run
+# given more STEPS trains on); a text-to-image run cut before its end is not evaluated.
 # COMPILE=1 (the default) adds --compile_mode reduce-overhead (CUDA graphs: the fixture's step 2.3x faster after about
 # 135 s of compilation, 2026-11-24); COMPILE=0 leaves it out (short runs, or timings to compare with uncompiled ones).
 # Outputs: logs, metrics and (with KEEP_MODEL=1) the fp16 tuned unet under $OUT (in 15 MiB parts where larger).
@@ -53,7 +57,8 @@ train() {  # MODEL:NFES:LOSS:LR[:EXTRA words joined by ',']
     --phase2_loss "$loss" --learning_rate "$lr" $([ "${COMPILE:-1}" = 1 ] && echo --compile_mode reduce-overhead) ${extra//,/ } \
     --fd_classifier .stage/fmnist-classifier --fd_data .stage/fashion-mnist --fd_samples "${FD_SAMPLES:-5000}" \
     --eval_samples 1024 --eval_steps "${EVAL_STEPS:-250}" --compare_nfe --no-compare_reference \
-    --checkpointing_steps 100000 --pool_cache_dir "$W/pools" --output_dir "$out" > "$W/logs/$name.log" 2>&1
+    --checkpointing_steps 100000 --pool_cache_dir "$W/pools" ${RESUME:+--resume_from_checkpoint latest} \
+    --output_dir "$out" >> "$W/logs/$name.log" 2>&1
   local rc=$?
   stamp "$name rc=$rc: $(grep -o "'samples_per_s\(_recent\)\?': [0-9.]*" "$W/logs/$name.log" | tail -2 | tr '\n' ' ')" \
     "$(grep -o "'fd_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -${#nfes} | tr '\n' ' ')"
@@ -79,12 +84,14 @@ t2i_train() {  # t2i:NFES:LR[:EXTRA]: LoRA (the default for these pipelines) on 
     --guidance_scale 5 --nfe ${nfes//-/ } --rounds 1 --phase1_iters 0 --phase2_steps "${STEPS:-1000}" \
     --train_batch_size 128 --pool_size 8192 --pool_batch_size 1024 --use_ema --mixed_precision bf16 \
     --learning_rate "$lr" ${extra//,/ } --eval_samples 1024 --eval_steps "${EVAL_STEPS:-250}" \
-    --checkpointing_steps 100000 --output_dir "$out" > "$W/logs/$name.log" 2>&1
-  stamp "$name rc=$?: $(grep -o "'rmse_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -3 | tr '\n' ' ')"
+    --checkpointing_steps 100000 ${RESUME:+--resume_from_checkpoint latest} --output_dir "$out" >> "$W/logs/$name.log" 2>&1
+  local rc=$?
+  stamp "$name rc=$rc: $(grep -o "'rmse_nfe[0-9]*': [0-9.]*" "$W/logs/$name.log" | tail -3 | tr '\n' ' ')"
   cp "$W/logs/$name.log" "$OUT/"
+  [ "$rc" = 0 ] || { stamp "$name stopped before its end: not evaluated (RESUME=1 continues it)"; return; }
   timeout "$(left)" python3 benchmarks/t2i/evaluate_t2i.py --pipeline "$model" --scheduler-folder "$out" \
     --classifier .stage/fmnist-classifier --data .stage/fashion-mnist --n "${T2I_N:-2000}" --guidance 5 \
-    --nfes 2 3 4 6 --out "$W/eval-$name" > "$W/logs/eval-$name.log" 2>&1
+    --nfes ${T2I_NFES:-2 3 4 6} --out "$W/eval-$name" > "$W/logs/eval-$name.log" 2>&1
   stamp "eval $name rc=$?"; cat "$W/eval-$name/results.md" 2>/dev/null | head -40
   tar czf "$OUT/$name.tar.gz" -C "$W" "eval-$name" "logs/eval-$name.log" \
     $(cd "$W" && ls -d runs/$name/scheduler runs/$name/*.safetensors runs/$name/*.json runs/$name/README.md 2>/dev/null)
