@@ -15,6 +15,10 @@ VP = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedul
       "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon"}
 FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 STEPS = 12
+# The tiny random UNet's VP solves pass through values of several hundred before the clamp to [-1, 1]; in float32
+# their last digits depend on the batching and on the CPU's kernels (1.5e-5 was seen on an AVX2 machine). The flow
+# bug this guards against moved samples by O(1).
+ATOL = 1e-4
 
 
 def tiny_denoiser(config, seed=0):
@@ -34,17 +38,17 @@ def test_every_consumer_gets_the_same_reference(config):
     pool = Paths(4, (1, 8, 8), "cpu", torch.Generator().manual_seed(0))
     pool.noise = noise
     pool.solve_references(denoiser, reference.Reference(STEPS), batch_size=2)
-    assert torch.allclose(pool.reference.clamp(-1, 1), expected, atol=1e-5)
+    assert torch.allclose(pool.reference.clamp(-1, 1), expected, atol=ATOL)
     # Phase 2's teacher states through a 3-step table taken from the reference grid end where it ends
     table = reference.reference_sigmas(denoiser.schedule, STEPS)[[0, 4, 8, -1]]
     states = teacher_states(denoiser, noise, table, num_steps=STEPS)
     assert states.shape == (4, 4, 1, 8, 8)
-    assert torch.allclose(states[-1].clamp(-1, 1), expected, atol=1e-5)
+    assert torch.allclose(states[-1].clamp(-1, 1), expected, atol=ATOL)
     # GITS's teacher trajectories on the reference grid
     grid = reference.reference_sigmas(denoiser.schedule, STEPS).float()
     traj, denoised = peers.teacher_trajectories(denoiser, noise, grid, batch_size=3)
     assert traj.shape == (STEPS + 1, 4, 1, 8, 8) and denoised.shape == (STEPS, 4, 1, 8, 8)
-    assert torch.allclose(traj[-1].clamp(-1, 1), expected, atol=1e-5)
+    assert torch.allclose(traj[-1].clamp(-1, 1), expected, atol=ATOL)
 
 
 def test_flow_reference_matches_diffusers_dpmsolver_at_many_steps():
