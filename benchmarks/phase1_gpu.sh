@@ -13,11 +13,13 @@
 #     (--data with the 50k training split when .stage/train50k is carried: every candidate also gets its fd_data
 #      score, the table is still kept by fd_self; the diagnostics' FD uses the t10k test split)
 #   diffusers-fewstep benchmark --model M --learned RUN --n 5000   (every diffusers scheduler of the family, same noises)
-#   python benchmarks/phase1_diagnostics.py                          (FD of every candidate: which measure picks best)
+#   python benchmarks/phase1_diagnostics.py                          (FD of every candidate: which measure picks best;
+#     FEATURE_SIGMAS, default "0.1 0.3 1": also fd_self with the model's features read at these σ's)
 # Outputs: .gpu_work/ on the GPU machine, packed into $OUT/<stage>.tar.gz (and $OUT/model-<name>.tar.gz for models).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 W=.gpu_work
+FEATURE_SIGMAS=${FEATURE_SIGMAS:-0.1 0.3 1}
 mkdir -p "$W/logs" "$W/models" "$W/runs" "$W/bench" "$W/diag" "${OUT:=$W/out}"
 source tools/gpu_site.sh
 export PYTHONUNBUFFERED=1
@@ -75,7 +77,8 @@ phase1() {  # one model: optimize (defaults), benchmark, diagnostics
     stamp "benchmark $name done: rc $?"; tail -12 "$W/bench/$name/results.md"
   fi
   python3 benchmarks/phase1_diagnostics.py --model "$model" --run "$W/runs/$name" --classifier .stage/fmnist-classifier \
-    --data .stage/fashion-mnist --n "${DIAG_N:-2000}" --out "$W/diag/$name.json" > "$W/logs/diag-$name.log" 2>&1
+    --data .stage/fashion-mnist --n "${DIAG_N:-2000}" --feature-sigmas $FEATURE_SIGMAS --out "$W/diag/$name.json" \
+    > "$W/logs/diag-$name.log" 2>&1
   stamp "diagnostics $name done: rc $?"; cat "$W/logs/diag-$name.log"
   pack "$name"
 }
@@ -107,7 +110,8 @@ bench() {  # benchmark only, on a run carried in .stage/runs/<name> (EXTRA_ROWS:
 diag() {  # diagnostics only, on a run carried in .stage/runs/<name>
   local name=$1
   python3 benchmarks/phase1_diagnostics.py --model "$(model_path "$name")" --run ".stage/runs/$name" \
-    --classifier .stage/fmnist-classifier --data .stage/fashion-mnist --n "${DIAG_N:-2000}" --out "$W/diag/$name.json" \
+    --classifier .stage/fmnist-classifier --data .stage/fashion-mnist --n "${DIAG_N:-2000}" \
+    --feature-sigmas $FEATURE_SIGMAS --out "$W/diag/$name.json" \
     > "$W/logs/diag-$name.log" 2>&1
   stamp "diagnostics $name done: rc $?"; cat "$W/logs/diag-$name.log"
   pack "$name" "diag-$name"
