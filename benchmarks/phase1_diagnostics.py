@@ -26,6 +26,7 @@ from diffusers_fewstep.features import ModelFeatures, frechet_distance, pooled_f
 from diffusers_fewstep.selection import MEASURES
 
 
+@torch.no_grad()  # nothing here is trained
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the model the run learned for")
@@ -51,7 +52,8 @@ def main():
     feature_noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(7)).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None  # as optimize scores on a GPU
     readers = {f"fd_self@{s:g}": ModelFeatures(denoiser, sigma=s, autocast_dtype=autocast) for s in args.feature_sigmas}
-    ref_feats = {m: _pooled(r, reference, feature_noise, args.batch_size) for m, r in readers.items()}
+    ref_feats = {m: pooled_features(r, reference, feature_noise, batch_size=args.batch_size)
+                 for m, r in readers.items()}
     out = {"model": args.model, "run": args.run, "n": args.n,
            "reference_fd": ev.frechet_distance(ev.feature_statistics(ev.extract_features(net, reference)), test_stats),
            "nfes": {}}
@@ -61,7 +63,8 @@ def main():
             c["fd"] = ev.frechet_distance(ev.feature_statistics(ev.extract_features(net, samples)), test_stats)
             c["rmse_eval"] = ev.endpoint_rmse(samples, reference)
             for m, r in readers.items():
-                c["scores"][m] = frechet_distance(_pooled(r, samples, feature_noise, args.batch_size), ref_feats[m])
+                pooled = pooled_features(r, samples, feature_noise, batch_size=args.batch_size)
+                c["scores"][m] = frechet_distance(pooled, ref_feats[m])
         best_fd = min(c["fd"] for c in candidates)
         stock_fd = min(c["fd"] for c in candidates if c["source"] == "stock")
         picks = {}
@@ -89,12 +92,6 @@ def _spearman(a, b) -> float:
     """Rank correlation (no tie correction) of two lists."""
     ra, rb = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b))
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1]) if len(a) > 2 else float("nan")
-
-
-@torch.no_grad()
-def _pooled(reader, x, noise, batch_size):
-    return torch.cat([pooled_features(reader, x[i:i + batch_size], noise[i:i + batch_size])
-                      for i in range(0, len(x), batch_size)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """A tiny end-to-end benchmark run on CPU: tiny UNet, tiny feature network, tiny image set."""
 import argparse
-import gzip
 import json
 
 import numpy as np
@@ -12,17 +11,10 @@ from diffusers_fewstep.adapter import NoiseSchedule
 from diffusers_fewstep.outputs import write_scheduler
 from diffusers_fewstep.schedules import baseline_sigmas
 
+from tiny_models import STAND_IN_CLASSIFIER, write_idx_images
+
 DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
                "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": False}
-ARCH = '''import torch
-class Net(torch.nn.Module):
-    def features(self, x):
-        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
-def load_classifier(folder):
-    return Net()
-'''
-
-
 @pytest.fixture
 def tiny_setup(tmp_path):
     from diffusers import UNet2DModel
@@ -35,12 +27,10 @@ def tiny_setup(tmp_path):
     (model / "scheduler").mkdir()
     (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDPM_CONFIG))
     (tmp_path / "classifier").mkdir()
-    (tmp_path / "classifier" / "arch.py").write_text(ARCH)
+    (tmp_path / "classifier" / "arch.py").write_text(STAND_IN_CLASSIFIER)
     (tmp_path / "data").mkdir()
-    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28)).astype(np.uint8)
-    header = (2051).to_bytes(4, "big") + b"".join(int(v).to_bytes(4, "big") for v in images.shape)
-    with gzip.open(tmp_path / "data" / "t10k-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header + images.tobytes())
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28))
+    write_idx_images(tmp_path / "data" / "t10k-images-idx3-ubyte.gz", images)
     # a folder as `optimize` writes it (here the trailing tables, UniPC at 3 steps and DDIM at 4)
     schedule = NoiseSchedule(DDPM_CONFIG)
     tables = {n: baseline_sigmas("ddim_trailing", n, schedule).tolist() for n in (3, 4)}

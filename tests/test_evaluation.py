@@ -9,6 +9,8 @@ import torch
 from diffusers_fewstep import evaluation as ev
 from diffusers_fewstep.adapter import NoiseSchedule
 
+from tiny_models import write_idx_images
+
 DDPM_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                "prediction_type": "epsilon"}
 
@@ -109,16 +111,10 @@ def test_measure_cost_counts_model_calls():
     assert set(cost.to_dict()) == {"seconds", "gpu_seconds", "model_calls"}
 
 
-def _write_idx(path, images):
-    header = (2051).to_bytes(4, "big") + b"".join(int(v).to_bytes(4, "big") for v in images.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + images.astype(np.uint8).tobytes())
-
-
 def test_fmnist_images_pad_and_scale(tmp_path):
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     images[:, 0, 0] = 255
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx_images(tmp_path / "t10k-images-idx3-ubyte.gz", images)
     x = ev.fmnist_images(str(tmp_path))
     assert x.shape == (3, 1, 32, 32)
     assert float(x[0, 0, 2, 2]) == 1.0 and float(x[0, 0, 0, 0]) == -1.0 and float(x[0, 0, 10, 10]) == -1.0
@@ -161,13 +157,12 @@ def test_load_images_reads_idx_files_folders_and_tensors(tmp_path):
 
     images = np.zeros((5, 28, 28), dtype=np.uint8)
     images[:, 14, 14] = 255
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx_images(tmp_path / "train-images-idx3-ubyte.gz", images)
     x = load_images(str(tmp_path), (1, 32, 32))  # a Fashion-MNIST folder: the train file, padded with −1
     assert x.shape == (5, 1, 32, 32) and float(x[0, 0, 16, 16]) == 1.0 and float(x[0, 0, 0, 0]) == -1.0
     assert load_images(str(tmp_path / "train-images-idx3-ubyte.gz"), (3, 16, 16), limit=2).shape == (2, 3, 16, 16)
     torch.save(x[:2], tmp_path / "x.pt")
     assert torch.equal(load_images(str(tmp_path / "x.pt"), (1, 32, 32)), x[:2])
-    import gzip
 
     (tmp_path / "not_idx.gz").write_bytes(gzip.compress(b"\x00" * 32))
     with pytest.raises(ValueError, match="not an IDX file"):
@@ -184,7 +179,7 @@ def test_saved_reference_statistics_stand_in_for_the_images_of_their_network(tmp
     import shutil
 
     rng = np.random.default_rng(0)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
+    write_idx_images(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 6))
     net.features = net.forward

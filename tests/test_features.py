@@ -63,3 +63,13 @@ def test_pooled_features_shape(fixture_features):
     with torch.no_grad():
         feats = pooled_features(fixture_features, x, torch.zeros_like(x))
     assert feats.shape == (3, 64 + 128 + 256 + 256)
+
+
+def test_pooled_features_in_batches_equal_one_call(fixture_features):
+    x, noise = torch.randn(5, 1, 32, 32), torch.randn(5, 1, 32, 32)
+    with torch.no_grad():
+        whole = pooled_features(fixture_features, x, noise)
+        parts = pooled_features(fixture_features, x, noise, batch_size=2)
+    assert parts.shape == whole.shape and torch.allclose(parts, whole, atol=1e-5)
+    with pytest.raises(ValueError, match="unconditional"):
+        pooled_features(fixture_features, x, noise, cond={"class_labels": torch.zeros(5)}, batch_size=2)

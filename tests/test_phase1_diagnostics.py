@@ -1,5 +1,4 @@
 """benchmarks/phase1_diagnostics.py: every candidate of a run scored by FD, and by fd_self at other feature σ's."""
-import gzip
 import json
 import os
 import subprocess
@@ -9,20 +8,11 @@ import numpy as np
 import pytest
 from diffusers import DDPMPipeline
 
-from tiny_models import tiny_unconditional
+from tiny_models import STAND_IN_CLASSIFIER, tiny_unconditional, write_idx_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from phase1_diagnostics import _spearman  # noqa: E402
-
-FEATURES = ("import torch\n"
-            "class Net(torch.nn.Module):\n"
-            "    def features(self, x):\n"
-            "        x = torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 2).flatten(1)\n"
-            "        return torch.cat([x, x.pow(2)], 1)\n"
-            "def load_classifier(folder):\n"
-            "    return Net()\n")
-
 
 def test_spearman_is_the_rank_correlation():
     assert _spearman([1, 2, 3, 4], [10, 30, 40, 90]) == pytest.approx(1.0)
@@ -33,13 +23,10 @@ def test_spearman_is_the_rank_correlation():
 def test_candidates_get_fd_and_fd_self_at_each_feature_sigma(tmp_path):
     DDPMPipeline(**tiny_unconditional()).save_pretrained(tmp_path / "model")
     (tmp_path / "net").mkdir()
-    (tmp_path / "net" / "arch.py").write_text(FEATURES)
+    (tmp_path / "net" / "arch.py").write_text(STAND_IN_CLASSIFIER)
     data = tmp_path / "data"
     data.mkdir()
-    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28))
-    header = (2051).to_bytes(4, "big") + b"".join(int(v).to_bytes(4, "big") for v in images.shape)
-    with gzip.open(data / "t10k-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header + images.astype(np.uint8).tobytes())
+    write_idx_images(data / "t10k-images-idx3-ubyte.gz", np.random.default_rng(0).integers(0, 256, (64, 28, 28)))
     sample_shape = [1, 16, 16]  # tiny_unconditional's
     stock = {"name": "a+euler", "solver": "euler", "source": "stock", "scores": {"rmse": 0.2}}
     candidates = [dict(stock, table=[80.0, 1.0, 0.0]), dict(stock, name="b+euler", table=[80.0, 10.0, 0.0]),

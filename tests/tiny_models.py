@@ -3,10 +3,13 @@
 Each builder returns a dict of components that the matching stock diffusers pipeline accepts
 as keyword arguments (`DDPMPipeline(**tiny_unconditional())`, `StableDiffusionPipeline(**tiny_sd())`,
 …). Weights are random but reproducible (`seed`); tokenizers are built offline from a
-byte-level vocabulary written to a temporary folder, so nothing is downloaded.
+byte-level vocabulary written to a temporary folder, so nothing is downloaded. For FD tests:
+:func:`write_idx_images` (Fashion-MNIST's file format) and :data:`STAND_IN_CLASSIFIER` (an `arch.py`
+in the FD feature network's folder format).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -14,6 +17,14 @@ from functools import lru_cache
 
 import torch
 
+# `arch.py` of a stand-in FD feature network: the 2×2 average pool of the image, no weights
+STAND_IN_CLASSIFIER = """import torch
+class Net(torch.nn.Module):
+    def features(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+def load_classifier(folder):
+    return Net()
+"""
 CLIP_HIDDEN = 32
 CLIP_MAX_LENGTH = 16  # short prompts keep the text encoders fast
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -225,3 +236,10 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = True, use_dynamic_shifting:
             "text_encoder": tiny_clip_text_model(tokenizer, seed + 2), "tokenizer": tokenizer,
             "text_encoder_2": tiny_t5_encoder(tokenizer_2, seed + 3), "tokenizer_2": tokenizer_2,
             "image_encoder": None, "feature_extractor": None}
+
+
+def write_idx_images(path, images) -> None:
+    """Write images `(n, h, w)` (values 0–255) as a gzipped IDX file: Fashion-MNIST's `*-images-idx3-ubyte.gz`."""
+    header = (2051).to_bytes(4, "big") + b"".join(int(v).to_bytes(4, "big") for v in images.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + images.astype("uint8").tobytes())

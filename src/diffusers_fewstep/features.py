@@ -108,9 +108,15 @@ def feature_distance(features: ModelFeatures, x: torch.Tensor, reference: torch.
     return compare(features, x, reference, noise, cond)[0]
 
 
-def pooled_features(features: ModelFeatures, x: torch.Tensor, noise: torch.Tensor,
-                    cond: Optional[dict] = None) -> torch.Tensor:
-    """(batch, Σ channels): every layer's features averaged over positions, concatenated."""
+def pooled_features(features: ModelFeatures, x: torch.Tensor, noise: torch.Tensor, cond: Optional[dict] = None,
+                    batch_size: Optional[int] = None) -> torch.Tensor:
+    """(batch, Σ channels): every layer's features averaged over positions, concatenated; `batch_size` splits an
+    unconditional set into model calls of at most that many samples."""
+    if batch_size is not None and len(x) > batch_size:
+        if cond is not None:
+            raise ValueError("batch_size splits unconditional sets only; batch conditioned samples with their cond")
+        return torch.cat([pooled_features(features, x[i:i + batch_size], noise[i:i + batch_size])
+                          for i in range(0, len(x), batch_size)])
     return torch.cat([m.mean(1) for m in features.maps(x, noise, cond)], dim=1)
 
 

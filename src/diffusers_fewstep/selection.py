@@ -117,8 +117,7 @@ class Paths:
         pick = torch.randperm(len(data), generator=generator)[: len(self)]
         x = data[pick].to(self.noise.device, torch.float32)
         noise = torch.randn(x.shape, generator=generator).to(x.device)
-        self.data_features = torch.cat([pooled_features(features, x[i: i + batch_size], noise[i: i + batch_size])
-                                        for i in range(0, len(x), batch_size)])
+        self.data_features = pooled_features(features, x, noise, batch_size=batch_size)
 
 
 @dataclass
